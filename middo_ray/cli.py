@@ -1,0 +1,66 @@
+"""The `middo` command: run the loop, prepare the embedded model, check a config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s [%(name)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (sections: run, data, model, ...)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set select.quality_m=1.0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="middo", description="Middo closed-loop SFT data optimization on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the loop until a stop rule fires")
+    _add_config_args(run)
+    run.add_argument("--verbose", "-v", action="store_true")
+    check = sub.add_parser("config", help="validate a config and print it in full (with defaults)")
+    _add_config_args(check)
+    sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct once and cache it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from middo_ray.config import ConfigError, load_config
+
+    if args.command == "prepare-model":
+        from middo_ray.models import ensure_smollm2
+
+        print(ensure_smollm2())
+        return 0
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"middo: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(json.dumps(cfg.model_dump(), indent=2))
+        return 0
+    _setup_logging(args.verbose)
+    from middo_ray.loop import run_loop
+
+    summary = run_loop(cfg)
+    print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "stop_reason", "sizes", "optimized_dataset",
+                                              "lineage", "history")}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
