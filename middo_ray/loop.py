@@ -447,7 +447,8 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
     final = root / "final"
     final.mkdir(exist_ok=True)
     fmt, style = data_info["format"], data_info.get("style")
-    ext = {"alpaca": ".json", "messages": ".jsonl", "parquet": ".parquet"}[fmt]
+    # Same format and extension as the input, so the user's tools read it as they read the seed.
+    ext = Path(data_info["source"]).suffix or {"alpaca": ".json", "messages": ".jsonl", "parquet": ".parquet"}[fmt]
     out_path = final / f"optimized{ext}"
     io.write_dataset(rows, out_path, fmt, style)
     io.write_lineage(rows, final / "lineage.parquet")
