@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("config", help="validate a config and print it in full (with defaults)")
     _add_config_args(check)
     sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct once and cache it")
+    rep = sub.add_parser("report", help="(re)build the HTML report of a run directory")
+    rep.add_argument("run_dir")
     return parser
 
 
@@ -39,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from middo_ray.config import ConfigError, load_config
+
+    if args.command == "report":
+        from middo_ray.report import build_report
+
+        print(build_report(args.run_dir))
+        return 0
 
     if args.command == "prepare-model":
         from middo_ray.models import ensure_smollm2
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = run_loop(cfg)
     print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "stop_reason", "sizes", "optimized_dataset",
-                                              "lineage", "history")}, indent=2, default=str))
+                                              "lineage", "report", "history")}, indent=2, default=str))
     return 0
 
 

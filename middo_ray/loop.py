@@ -462,5 +462,8 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
         "seconds": round(time.time() - t_start, 1),
     }
     _write_json(final / "summary.json", summary)
+    from middo_ray.report import build_report
+
+    summary["report"] = str(build_report(root))
     log.info("done after %d round(s): %s; optimized dataset: %s", k, reason, out_path)
     return summary
