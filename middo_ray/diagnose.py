@@ -8,8 +8,9 @@
   templated prompt, which the pass already has;
 - quality: the current model judges factuality, clarity and completeness of the prompt and of the
   response (6 judgements). The score is probability-weighted: the expected value of the 0-10 score
-  under the model's distribution of the first answer token after the judge prompt, one forward pass
-  and no generation or text parsing (reference §9.8).
+  under the model's distribution of the first answer token after the judge prompt, with no
+  generation or text parsing (reference §9.8). The three judgements of a target share their body
+  (task + sample), which is computed once and reused through the KV cache.
 
 Each actor loads its model once and receives blocks of rows; it returns ``sample_id`` plus signal
 columns, and the driver joins them by ``sample_id``. Pre-model losses never change for a sample, so
@@ -25,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from middo_ray.config import MiddoConfig
-from middo_ray.encode import encode_prompt_only, encode_row
-from middo_ray.prompts import judge_prompt
+from middo_ray.encode import encode_row, render_prompt
+from middo_ray.prompts import judge_body, judge_tail
 from middo_ray.schema import JUDGE_DIMENSIONS, TEXT_COLUMNS, require_columns
 from middo_ray.scoring import forward_scores, length_batches
 from middo_ray.signals.quality import aggregate_quality, expected_score
@@ -67,50 +68,91 @@ def score_tokens(tokenizer) -> ScoreTokens:
     return ScoreTokens(digits, two_step_ten=(ten == [digits[1], digits[0]]))
 
 
+def judge_sequences(rows: list[dict], tokenizer, template: str, cutoff_len: int, target: str
+                    ) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the shared bodies (one per row) and of the three tails (one per dimension).
+
+    The full judge prompt is rendered with the template, then split where the tail starts, so
+    ``body + tail`` is exactly the templated judge prompt and the tail (dimension question plus the
+    template's closing text) is the same for every row.
+    """
+    tails_text: list[str] = []
+    bodies: list[list[int]] = []
+    for d in JUDGE_DIMENSIONS:
+        full = render_prompt({"instruction": "\x00" + judge_tail(d, target)}, tokenizer, template)
+        tails_text.append(full[full.index("\x00") + 1:])
+    tails = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in tails_text]
+    room = max(8, cutoff_len - max(len(t) for t in tails))
+    for row in rows:
+        full = render_prompt({"instruction": judge_body(row, target) + judge_tail(JUDGE_DIMENSIONS[0], target)},
+                             tokenizer, template)
+        head = full[: len(full) - len(tails_text[0])]
+        ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        bodies.append(ids[-room:])   # keep the end: the sample sits right before the question
+    return bodies, tails
+
+
 def judge_scores(model, tokenizer, rows: list[dict], template: str, cutoff_len: int,
                  batch_tokens: int) -> np.ndarray:
-    """(N, 6) expected 0-10 scores: prompt x (fact, clar, comp), then response x (fact, clar, comp)."""
+    """(N, 6) expected 0-10 scores: prompt x (fact, clar, comp), then response x (fact, clar, comp).
+
+    Per batch of samples the body runs once with a KV cache; the cache is repeated three times and
+    the three dimension tails run against it in one pass. Tails that spell 10 as "1","0" get a
+    trailing "1" so the same pass also gives P("0" | "1").
+    """
     import torch
 
     st = score_tokens(tokenizer)
-    seqs: list[list[int]] = []
-    for row in rows:
-        for target in ("prompt", "response"):
-            for dim in JUDGE_DIMENSIONS:
-                jrow = {"instruction": judge_prompt(row, dim, target)}
-                ids = encode_prompt_only(jrow, tokenizer, template, cutoff_len)
-                # Appending "1" lets the same pass give P(next | "1"), which splits "1" from "10".
-                seqs.append(ids + [st.digits[1]] if st.two_step_ten else ids)
-    n = len(seqs)
-    first = np.zeros((n, 10))
-    zero_after_one = np.zeros(n) if st.two_step_ten else None
-    ten = np.zeros(n) if st.ten is not None else None
+    out = np.full((len(rows), 6), np.nan)
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     pad = tokenizer.pad_token_id
-    lengths = [len(s) for s in seqs]
-    digit_ids = torch.tensor(st.digits, device=device)
-    with torch.inference_mode():
-        for batch in length_batches(lengths, batch_tokens):
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : lengths[i]] = torch.tensor(seqs[i])
-                att[r, : lengths[i]] = 1
-            hidden = decoder(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
-            rows_t = torch.arange(len(batch), device=device)
-            last = torch.tensor([lengths[i] - 1 for i in batch], device=device)
-            first_pos = last - 1 if st.two_step_ten else last
-            probs = torch.softmax(head(hidden[rows_t, first_pos]).float(), dim=-1)
-            first[batch] = probs[:, digit_ids].cpu().numpy()
-            if ten is not None:
-                ten[batch] = probs[:, st.ten].cpu().numpy()
-            if zero_after_one is not None:
-                after = torch.softmax(head(hidden[rows_t, last]).float(), dim=-1)
-                zero_after_one[batch] = after[:, st.digits[0]].cpu().numpy()
-    scores = expected_score(first, zero_after_one, ten)
-    return scores.reshape(len(rows), 6)
+    n_dim = len(JUDGE_DIMENSIONS)
+    for t_idx, target in enumerate(("prompt", "response")):
+        bodies, tails = judge_sequences(rows, tokenizer, template, cutoff_len, target)
+        if st.two_step_ten:
+            tails = [t + [st.digits[1]] for t in tails]
+        t_len = torch.tensor([len(t) for t in tails], device=device)
+        t_max = int(t_len.max())
+        tail_ids = torch.full((n_dim, t_max), pad, dtype=torch.long, device=device)
+        tail_att = torch.zeros((n_dim, t_max), dtype=torch.long, device=device)
+        for j, t in enumerate(tails):
+            tail_ids[j, : len(t)] = torch.tensor(t)
+            tail_att[j, : len(t)] = 1
+        lengths = [len(b) for b in bodies]
+        # Budget: the body pass plus three tails per row.
+        costs = [n_dim * (length + t_max) for length in lengths]
+        with torch.inference_mode():
+            for batch in length_batches(costs, batch_tokens * n_dim):
+                width = max(lengths[i] for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                att = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    ids[r, : lengths[i]] = torch.tensor(bodies[i])
+                    att[r, : lengths[i]] = 1
+                ids, att = ids.to(device), att.to(device)
+                cache = decoder(input_ids=ids, attention_mask=att, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(n_dim)                    # row r*3 + j: sample r, dimension j
+                b = len(batch)
+                q_ids = tail_ids.repeat(b, 1)
+                q_att = torch.cat([att.repeat_interleave(n_dim, 0), tail_att.repeat(b, 1)], dim=1)
+                body_len = att.sum(1).repeat_interleave(n_dim)
+                pos = body_len[:, None] + torch.arange(t_max, device=device)[None, :]
+                hidden = decoder(input_ids=q_ids, attention_mask=q_att, position_ids=pos,
+                                 past_key_values=cache, use_cache=False).last_hidden_state
+                rows_t = torch.arange(b * n_dim, device=device)
+                last = t_len.repeat(b) - 1
+                first_pos = last - 1 if st.two_step_ten else last
+                probs = torch.softmax(head(hidden[rows_t, first_pos]).float(), dim=-1)
+                first = probs[:, torch.tensor(st.digits, device=device)].cpu().numpy()
+                ten = probs[:, st.ten].cpu().numpy() if st.ten is not None else None
+                zero_after_one = None
+                if st.two_step_ten:
+                    after = torch.softmax(head(hidden[rows_t, last]).float(), dim=-1)
+                    zero_after_one = after[:, st.digits[0]].cpu().numpy()
+                scores = expected_score(first, zero_after_one, ten).reshape(b, n_dim)
+                out[np.asarray(batch), t_idx * n_dim:(t_idx + 1) * n_dim] = scores
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,35 +50,42 @@ def chat_messages(row: dict, with_response: bool = False) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Self-judge prompts (quality axis). The sample comes first and the question last, so the six
-# judgements of one sample share a long prefix (cheap with prefix caching). The text ends with
-# "Score:" so that the next token is the number: the probability-weighted judge reads the
-# distribution of that token, and a generating judge writes the number first.
+# Self-judge prompts (quality axis). Each judgement is a shared *body* (task + the sample) followed
+# by a short *tail* that names the dimension and ends with "Score:". The three judgements of one
+# target share the body, so the judge computes the body once and the three tails against its cache;
+# the tail is the same for every sample. The number comes right after "Score:": the
+# probability-weighted judge reads the distribution of that token, a generating judge writes it first.
 
 _DIM_TEXT = {
-    "factuality": "factuality: is it accurate and grounded in reliable facts?",
-    "clarity": "clarity: is the language clear and concise, and is it well structured?",
-    "completeness": "completeness: does it give enough information and detail?",
+    "factuality": "factuality (is it accurate and grounded in reliable facts?)",
+    "clarity": "clarity (is the language clear and concise, and is it well structured?)",
+    "completeness": "completeness (does it give enough information and detail?)",
 }
 
 
-def judge_prompt(row: dict, dimension: str, target: str) -> str:
-    """Self-judge question for one dimension of the prompt ('prompt') or the response ('response')."""
-    if dimension not in _DIM_TEXT:
-        raise ValueError(f"unknown judge dimension '{dimension}'; use one of {sorted(_DIM_TEXT)}")
+def judge_body(row: dict, target: str) -> str:
+    """The part of a judge prompt shared by the three dimensions: the task and the sample."""
     if target not in ("prompt", "response"):
         raise ValueError(f"judge target must be 'prompt' or 'response', got '{target}'")
     inp = row.get("input") or ""
     body = f"Prompt:\n{row['instruction']}\n{inp}" if inp else f"Prompt:\n{row['instruction']}"
     if target == "response":
         body += f"\n\nResponse:\n{row.get('output', '')}"
-    return (
-        "Below is a sample from an instruction-tuning dataset.\n\n"
-        f"{body}\n\n"
-        f"Give feedback on the {_DIM_TEXT[dimension]} Judge the {target} only. "
-        "Rate it from 0 to 10, where higher is better, and try to avoid scoring a full 10. "
-        "Write the number first, then a short explanation.\nScore:"
-    )
+    return ("Give feedback on a sample from an instruction-tuning dataset. Rate it from 0 to 10, where "
+            "higher is better, and try to avoid scoring a full 10. Write the number first, then a short "
+            f"explanation.\n\n{body}")
+
+
+def judge_tail(dimension: str, target: str) -> str:
+    """The dimension-specific end of a judge prompt (identical for every sample)."""
+    if dimension not in _DIM_TEXT:
+        raise ValueError(f"unknown judge dimension '{dimension}'; use one of {sorted(_DIM_TEXT)}")
+    return f"\n\nRate the {_DIM_TEXT[dimension]} of the {target} only.\nScore:"
+
+
+def judge_prompt(row: dict, dimension: str, target: str) -> str:
+    """Full self-judge question for one dimension of the prompt ('prompt') or the response ('response')."""
+    return judge_body(row, target) + judge_tail(dimension, target)
 
 
 _SCORE_RE = re.compile(r"^\s*\**\s*(10(?:\.0+)?|\d(?:\.\d+)?)(?!\d)")

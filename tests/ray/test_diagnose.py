@@ -63,3 +63,32 @@ def test_signals_are_complete_and_aligned_by_id(ray_local, tiny_model):
     assert d.embeddings.shape[0] == len(rows)
     again = run_diagnosis(rows[:5], _cfg(), "tiny", cache)
     assert again.counts["pre_loss_computed"] == 0 and again.counts["pre_loss_cached"] == 5
+
+
+def test_shared_prefix_judge_equals_full_prompts(tiny_model):
+    """The KV-cache judge (body once, three tails) gives the same expected scores as scoring each
+    full judge prompt on its own, for batches of mixed lengths."""
+    from middo_ray.diagnose import judge_scores, score_tokens
+    from middo_ray.encode import render_prompt
+    from middo_ray.prompts import judge_prompt
+    from middo_ray.signals.quality import expected_score
+
+    model, tok = load_model("tiny")
+    rows = _rows()[:9]
+    got = judge_scores(model, tok, rows, "default", 256, batch_tokens=400)
+    st = score_tokens(tok)
+    for i, row in enumerate(rows):
+        for j, (target, dim) in enumerate([(t, d) for t in ("prompt", "response")
+                                           for d in ("factuality", "clarity", "completeness")]):
+            text = render_prompt({"instruction": judge_prompt(row, dim, target)}, tok, "default")
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            seq = ids + ([st.digits[1]] if st.two_step_ten else [])
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([seq])).logits[0].float()
+            pos = len(ids) - 1
+            p = torch.softmax(logits[pos], -1)
+            first = p[st.digits].numpy()[None]
+            z = torch.softmax(logits[pos + 1], -1)[st.digits[0]].numpy()[None] if st.two_step_ten else None
+            ten = p[st.ten].numpy()[None] if st.ten is not None else None
+            want = expected_score(first, z, ten)[0]
+            assert got[i, j] == pytest.approx(want, abs=1e-4), (i, target, dim)
