@@ -56,7 +56,7 @@ def _smollm2_gguf() -> Path:
 
 def ensure_smollm2() -> Path:
     """Converts the packaged GGUF of SmolLM2-135M-Instruct to an HF checkpoint once; returns its dir."""
-    out = cache_dir() / "smollm2-135m-instruct"
+    out = cache_dir() / "smollm2-135m-instruct-v2"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     with _locked(out):
@@ -67,8 +67,12 @@ def ensure_smollm2() -> Path:
         gguf = _smollm2_gguf()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The GGUF loader marks the model as quantized; the weights are de-quantized floats now.
+        # The GGUF loader marks the model as quantized; the weights are de-quantized floats now, and a
+        # leftover quantization_config would make every later save_pretrained refuse to serialize.
         model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
         tmp = out.with_name(out.name + ".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -1,0 +1,106 @@
+"""Evaluation: multiple-choice scoring by option log-likelihood, held-out loss, and the MC file contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from middo_ray.config import build_config
+from middo_ray.evaluate import (encode_choice, evaluate_model, heldout_loss, load_mc_items, mc_accuracy,
+                                mc_choice_scores, resolve_mc_path)
+
+pytestmark = pytest.mark.unit
+
+QUERY = "Question: What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from middo_ray.models import load_model
+
+    return load_model(tiny_model, device="cpu")
+
+
+def _greedy_choice(model, tok, query: str, n_tokens: int = 6) -> str:
+    """The model's own greedy answer to ``query`` under the training template, as text."""
+    import torch
+
+    ids = encode_choice(query, "", tok, "default", 512).input_ids
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+    return tok.decode(out[0, len(ids):].tolist())
+
+
+def test_choice_score_is_sum_logprob_of_choice_tokens_without_eos(tiny):
+    """Guards the continuation span: the score is the summed log-prob of exactly the choice tokens, no EOS."""
+    import torch
+
+    model, tok = tiny
+    choice = "Paris is the capital."
+    enc = encode_choice(QUERY, choice, tok, "default", 512)
+    n_choice = len(tok(choice, add_special_tokens=False)["input_ids"])
+    assert enc.response_len == n_choice and enc.input_ids[-1] != tok.eos_token_id
+    with torch.inference_mode():
+        logp = model(torch.tensor([enc.input_ids])).logits[0].float().log_softmax(-1)
+    expected = sum(logp[t - 1, enc.input_ids[t]].item() for t in range(enc.prompt_len, len(enc.input_ids)))
+    (scores,) = mc_choice_scores(model, tok, [{"query": QUERY, "choices": [choice], "gold": 0}])
+    assert scores[0] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_mc_picks_the_models_likeliest_answer_and_wrong_gold_scores_zero(tiny):
+    """Guards argmax scoring: the model's own greedy answer wins; with the gold elsewhere accuracy is 0."""
+    model, tok = tiny
+    greedy = _greedy_choice(model, tok, QUERY)
+    choices = [greedy, "zebra quilt vortex", "The quick brown fox"]
+    items = [{"query": QUERY, "choices": choices, "gold": 0}]
+    scores = mc_choice_scores(model, tok, items)
+    assert int(np.argmax(scores[0])) == 0, (greedy, scores)
+    assert mc_accuracy(scores, [0]) == 1.0
+    assert mc_accuracy(scores, [2]) == 0.0
+    assert mc_accuracy([], []) is None
+
+
+def test_heldout_loss_is_token_weighted(tiny):
+    """Guards the held-out metric: the mean over response tokens, not over samples."""
+    from middo_ray.encode import encode_row
+    from middo_ray.scoring import forward_scores
+
+    model, tok = tiny
+    rows = [{"instruction": "Hi", "output": "Hello."},
+            {"instruction": "Write a haiku about rain.", "output": "Soft rain on the roof, the garden drinks."}]
+    loss, tokens = heldout_loss(model, tok, rows)
+    fs = forward_scores(model, [encode_row(r, tok) for r in rows], tok.pad_token_id)
+    assert tokens == int(fs.n_tokens.sum())
+    assert loss == pytest.approx(float((fs.loss * fs.n_tokens).sum() / fs.n_tokens.sum()))
+    assert heldout_loss(model, tok, []) == (None, 0)
+
+
+def test_mc_file_contract(tmp_path):
+    """Guards eval.mc_path handling: null skips, a missing file is a clear error, malformed rows name their line."""
+    assert resolve_mc_path(None) is None
+    with pytest.raises(FileNotFoundError, match="eval.mc_path"):
+        resolve_mc_path(str(tmp_path / "missing.jsonl"))
+    good = {"query": "Q?", "choices": ["a", "b"], "gold": 1}
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(good) for _ in range(5)) + "\n")
+    assert len(load_mc_items(path, limit=3)) == 3
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"query": "Q?", "choices": ["a"], "gold": 4}) + "\n")
+    with pytest.raises(ValueError, match=":2:"):
+        load_mc_items(path)
+
+
+def test_evaluate_model_on_real_arc_items(tiny_model, shared_data):
+    """Guards evaluate_model end to end on real ARC-Easy items: counts, an accuracy in [0, 1], a finite loss."""
+    cfg = build_config(overrides=[f"eval.mc_path={shared_data / 'eval' / 'arc_easy_test.jsonl'}",
+                                  "eval.mc_limit=8"])
+    rows = [{"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+            {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    res = evaluate_model(tiny_model, rows, cfg)
+    assert res["mc_n"] == 8 and res["heldout_n"] == 2
+    assert 0.0 <= res["mc_accuracy"] <= 1.0
+    assert np.isfinite(res["heldout_loss"]) and res["seconds"] > 0
+    skipped = evaluate_model(tiny_model, rows, build_config(overrides=["eval.mc_path=null"]))
+    assert skipped["mc_accuracy"] is None and skipped["mc_n"] == 0
