@@ -70,6 +70,8 @@ class RefineConfig(_Section):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of rewrites (reference: 1.0).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (reference: 1.0).")
     max_retries: int = Field(1, ge=0, description="Extra attempts when an output fails validation; then the original is kept.")
+    prefill_marker: bool = Field(True, description="Begin the teacher's rewrite with the marker (needed for small teachers; "
+                                                   "false = the reference's free four-step answer).")
     batch_size: int = Field(8, ge=1, description="Samples per request to the Serve app.")
     max_concurrency: int = Field(4, ge=1, description="Requests in flight from the refine stage to the Serve app.")
     num_replicas: int = Field(1, ge=1, description="Replicas of the refiner deployment.")

@@ -109,6 +109,10 @@ class RefineRequest(_Wire):
     samples: list[RefineSample] = Field(..., min_length=1, max_length=256)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_retries: int = Field(1, ge=0, le=5)
+    prefill_marker: bool = Field(
+        True, description="Start the teacher's rewrite with the operation's marker (assistant prefill). Small "
+                          "teachers rarely write the marker themselves; false lets the teacher work through the "
+                          "four steps first, as the reference does with gpt-4o-mini.")
 
 
 class RefineResult(_Wire):
