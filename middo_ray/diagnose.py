@@ -162,8 +162,9 @@ class PreLossScorer:
     """Actor holding the pre model; adds ``loss_pre`` per sample."""
 
     def __init__(self, model: str, dtype: str, template: str, cutoff_len: int, batch_tokens: int):
-        from middo_ray.models import load_model
+        from middo_ray.models import load_model, threads_for_actor
 
+        threads_for_actor()
         self.model, self.tok = load_model(model, dtype)
         self.template, self.cutoff, self.batch_tokens = template, cutoff_len, batch_tokens
 
@@ -179,8 +180,9 @@ class CurrentModelScorer:
     """Actor holding the current model M_t: ``loss_cur``, prompt embedding and 6 judge scores."""
 
     def __init__(self, model: str, dtype: str, template: str, cutoff_len: int, batch_tokens: int, judge: bool):
-        from middo_ray.models import load_model
+        from middo_ray.models import load_model, threads_for_actor
 
+        threads_for_actor()
         self.model, self.tok = load_model(model, dtype)
         self.template, self.cutoff, self.batch_tokens, self.judge = template, cutoff_len, batch_tokens, judge
 

@@ -136,8 +136,9 @@ def evaluate_model(model: str, heldout_rows: list[dict], cfg: MiddoConfig) -> di
     Raises:
         FileNotFoundError: When ``eval.mc_path`` names a file that does not exist.
     """
-    from middo_ray.models import load_model
+    from middo_ray.models import load_model, threads_for_actor
 
+    threads_for_actor()
     t0 = time.time()
     # Fail on a missing MC file before paying for the model load.
     mc_file = resolve_mc_path(cfg.eval.mc_path)

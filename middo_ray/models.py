@@ -183,11 +183,22 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None, train:
     return model, load_tokenizer(spec)
 
 
-def threads_for_actor(cpus: float) -> None:
-    """Limits torch's intra-op threads to the CPUs the actor reserved (at least 1)."""
+def threads_for_actor(cpus: float | None = None) -> int:
+    """Sets torch's intra-op threads inside a Ray actor or worker on CPU, and returns the count.
+
+    Ray gives a process that reserved ``num_cpus`` (fractional included) ``OMP_NUM_THREADS`` of that
+    many, at least 1: a diagnosis actor at 0.5 CPU would compute with one thread while the loop's
+    stages run one after another and the rest of the node idles. So on CPU the default is every core
+    of the node; ``MIDDO_TORCH_THREADS`` overrides it (e.g. when several CPU actors share a node).
+    ``cpus`` is accepted for callers that size by their reservation but is only a floor.
+    """
     import torch
 
-    n = max(1, int(round(cpus)))
     if os.environ.get("MIDDO_TORCH_THREADS"):
         n = int(os.environ["MIDDO_TORCH_THREADS"])
+    elif torch.cuda.is_available():
+        n = max(1, int(round(cpus or 1)))
+    else:
+        n = max(os.cpu_count() or 1, int(round(cpus or 1)))
     torch.set_num_threads(n)
+    return n

@@ -122,14 +122,20 @@ def start_refiner(cfg: MiddoConfig, health_timeout_s: float = HEALTH_TIMEOUT_S):
 
 
 def stop_refiner(cfg: MiddoConfig) -> None:
-    """Deletes the refiner app and shuts Serve down (a no-op when Serve is not running)."""
+    """Deletes the refiner app; shuts Serve down only when no other application is left on it.
+
+    On a shared cluster other Serve apps may run next to ours, and they must survive our job.
+    """
     from ray import serve as ray_serve
 
     try:
         ray_serve.delete(cfg.refine.app_name)
+        others = ray_serve.status().applications
     except Exception as exc:  # Serve already gone: nothing left to delete.
         logger.info("refiner app '%s' not deleted: %s", cfg.refine.app_name, exc)
-    ray_serve.shutdown()
+        return
+    if not others:
+        ray_serve.shutdown()
 
 
 def _check_jobs(jobs: list[dict]) -> None:

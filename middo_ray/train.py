@@ -21,6 +21,8 @@ node (a local Ray started from the repository root does this; on clusters instal
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 import inspect
 import json
@@ -197,6 +199,9 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not torch.cuda.is_available() and not os.environ.get("MIDDO_TORCH_THREADS"):
+        # CPU workers on one node share its cores instead of each taking all of them.
+        os.environ["MIDDO_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
     threads_for_actor(config["cpus_per_worker"])
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()

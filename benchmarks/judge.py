@@ -1,0 +1,106 @@
+"""Benchmark: the self-judge with a shared body (KV cache) against one forward pass per judge prompt.
+
+Both compute the same probability-weighted 0-10 scores for the 6 judgements of each sample; the
+benchmark checks that they agree and reports the speed ratio, side by side in one run.
+
+    .venv/bin/python benchmarks/judge.py --model smollm2 --rows 48
+    .venv/bin/python benchmarks/judge.py --model tiny --rows 200 --json out.json
+
+Prints a table and writes JSON (default: benchmarks/results/judge.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from middo_ray.diagnose import judge_scores, score_tokens  # noqa: E402
+from middo_ray.encode import render_prompt  # noqa: E402
+from middo_ray.io import read_dataset, resolve_data_path  # noqa: E402
+from middo_ray.models import load_model  # noqa: E402
+from middo_ray.prompts import judge_prompt  # noqa: E402
+from middo_ray.schema import JUDGE_DIMENSIONS  # noqa: E402
+from middo_ray.scoring import length_batches  # noqa: E402
+from middo_ray.signals.quality import expected_score  # noqa: E402
+
+
+def full_prompt_judge(model, tok, rows, template: str, batch_tokens: int) -> tuple[np.ndarray, int]:
+    """The straightforward judge: every one of the 6 prompts is a separate sequence."""
+    import torch
+
+    st = score_tokens(tok)
+    seqs = []
+    for r in rows:
+        for target in ("prompt", "response"):
+            for d in JUDGE_DIMENSIONS:
+                ids = tok(render_prompt({"instruction": judge_prompt(r, d, target)}, tok, template),
+                          add_special_tokens=False)["input_ids"]
+                seqs.append(ids + ([st.digits[1]] if st.two_step_ten else []))
+    lengths = [len(s) for s in seqs]
+    first = np.zeros((len(seqs), 10))
+    z = np.zeros(len(seqs)) if st.two_step_ten else None
+    ten = np.zeros(len(seqs)) if st.ten is not None else None
+    dec, head = model.get_decoder(), model.get_output_embeddings()
+    with torch.inference_mode():
+        for batch in length_batches(lengths, batch_tokens):
+            w = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), w), tok.pad_token_id)
+            att = torch.zeros((len(batch), w), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, : lengths[i]] = torch.tensor(seqs[i])
+                att[r, : lengths[i]] = 1
+            h = dec(input_ids=ids, attention_mask=att).last_hidden_state
+            last = torch.tensor([lengths[i] - 1 for i in batch])
+            pos = last - 1 if st.two_step_ten else last
+            p = torch.softmax(head(h[torch.arange(len(batch)), pos]).float(), -1)
+            first[batch] = p[:, st.digits].numpy()
+            if ten is not None:
+                ten[batch] = p[:, st.ten].numpy()
+            if z is not None:
+                z[batch] = torch.softmax(head(h[torch.arange(len(batch)), last]).float(), -1)[:, st.digits[0]].numpy()
+    return expected_score(first, z, ten).reshape(len(rows), 6), sum(lengths)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default="demo")
+    ap.add_argument("--rows", type=int, default=48)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "judge.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rows = read_dataset(resolve_data_path(args.data)).rows[: args.rows]
+    model, tok = load_model(args.model)
+    judge_scores(model, tok, rows[:2], "default", 512, args.batch_tokens)  # warm-up
+    t = time.perf_counter()
+    shared = judge_scores(model, tok, rows, "default", 512, args.batch_tokens)
+    t_shared = time.perf_counter() - t
+    t = time.perf_counter()
+    full, full_tokens = full_prompt_judge(model, tok, rows, "default", args.batch_tokens)
+    t_full = time.perf_counter() - t
+    diff = float(np.nanmax(np.abs(shared - full)))
+    result = {"model": args.model, "rows": len(rows), "judgements": 6 * len(rows), "full_prompt_tokens": full_tokens,
+              "seconds_full_prompts": round(t_full, 3), "seconds_shared_body": round(t_shared, 3),
+              "speedup": round(t_full / t_shared, 2), "max_abs_score_difference": diff,
+              "threads": __import__("torch").get_num_threads()}
+    print(f"{'method':<28}{'seconds':>10}{'judgements/s':>15}")
+    print(f"{'full prompt per judgement':<28}{t_full:>10.2f}{6 * len(rows) / t_full:>15.1f}")
+    print(f"{'shared body + KV cache':<28}{t_shared:>10.2f}{6 * len(rows) / t_shared:>15.1f}")
+    print(f"speed-up {result['speedup']}x; largest score difference {diff:.2e} (same scores)")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
