@@ -58,6 +58,35 @@ def _examples(run: Path, k: int, limit: int = 4) -> str:
     return _table(["operation", "before (prompt)", "after (prompt)", "after (answer)"], rows)
 
 
+def _known_defects(run: Path) -> str:
+    """For the bundled demo data: which deliberately bad samples each axis flagged in round 1."""
+    from middo_ray.demo import demo_path
+
+    data_info = run / "round_0" / "data" / "stage.json"
+    flags_path = run / "round_1" / "select" / "flags.parquet"
+    if not (data_info.is_file() and flags_path.is_file()):
+        return ""
+    if Path(json.loads(data_info.read_text())["source"]).resolve() != demo_path("seed").resolve():
+        return ""
+    import pyarrow.parquet as pq
+
+    defects = json.loads(demo_path("defects").read_text())
+    flags = pq.read_table(flags_path).to_pylist()
+    kinds = sorted(set(defects.values()))
+    axes = ("complexity", "quality", "diversity")
+    present = [r for r in flags if r["sample_id"] in defects]
+    rows = []
+    for kind in kinds:
+        of_kind = [r for r in present if defects[r["sample_id"]] == kind]
+        rows.append([kind, len(of_kind)] + [sum(r[a] for r in of_kind) for a in axes]
+                    + [sum(any(r[a] for a in axes) for r in of_kind)])
+    clean = [r for r in flags if r["sample_id"] not in defects]
+    rows.append(["(clean samples)", len(clean)] + [sum(r[a] for r in clean) for a in axes]
+                + [sum(any(r[a] for a in axes) for r in clean)])
+    return ("<h2>round 1: deliberately bad demo samples caught</h2>"
+            + _table(["defect", "samples", "hard", "low quality", "sparse", "any axis"], rows))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Writes ``<run_dir>/report.html`` and returns its path."""
     run = Path(run_dir)
@@ -96,6 +125,7 @@ def build_report(run_dir: str | Path) -> Path:
         sections += ["<h2>rounds</h2>", _table(["round", "in", "hard", "low quality", "sparse", "rewrites ok",
                                                 "rewrites failed (original kept)", "out", "thresholds",
                                                 "seconds per stage"], rows)]
+    sections.append(_known_defects(run))
     for m in manifests[1:]:
         sections += [f"<h2>round {m['round']}: example rewrites</h2>", _examples(run, m["round"])]
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
