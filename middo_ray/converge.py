@@ -32,17 +32,19 @@ def should_stop(history: list[dict], cfg: ConvergeConfig, metric: str, rounds_do
         rounds_done: refinement rounds completed so far.
         flagged_fraction: fraction of samples flagged in the last diagnosis (None if unknown).
     """
+    reasons: list[str] = []
+    if rounds_done >= cfg.max_rounds:
+        reasons.append(f"reached converge.max_rounds={cfg.max_rounds}")
     if flagged_fraction is not None and cfg.min_flagged_fraction > 0 and flagged_fraction < cfg.min_flagged_fraction:
-        return True, (f"flagged fraction {flagged_fraction:.3f} below converge.min_flagged_fraction "
-                      f"{cfg.min_flagged_fraction}")
+        reasons.append(f"flagged fraction {flagged_fraction:.3f} below converge.min_flagged_fraction "
+                       f"{cfg.min_flagged_fraction}")
     values = [h.get(metric) for h in history]
     if len(values) > cfg.patience and all(v is not None for v in values[-cfg.patience - 1:]):
         best_before = values[: len(values) - cfg.patience]
         ref = best_before[best_round([{metric: v} for v in best_before], metric)]
         recent = values[-cfg.patience:]
         if all(improvement(metric, ref, v) <= cfg.min_delta for v in recent):
-            return True, (f"plateau: {metric} did not improve by more than {cfg.min_delta} over "
-                          f"{cfg.patience} round(s) (best earlier {ref:.4f}, recent {[round(v, 4) for v in recent]})")
-    if rounds_done >= cfg.max_rounds:
-        return True, f"reached converge.max_rounds={cfg.max_rounds}"
-    return False, ""
+            reasons.append(f"plateau: {metric} did not improve by more than {cfg.min_delta} over "
+                           f"{cfg.patience} round(s) (best earlier {ref:.4f}, recent {[round(v, 4) for v in recent]})")
+    # Every rule that fired is recorded, so a run stopped at max_rounds still says it had plateaued.
+    return bool(reasons), "; ".join(reasons)
