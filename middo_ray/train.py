@@ -21,13 +21,12 @@ node (a local Ray started from the repository root does this; on clusters instal
 
 from __future__ import annotations
 
-import os
-
 import contextlib
 import inspect
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
