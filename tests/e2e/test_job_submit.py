@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,7 +42,9 @@ def ray_head():
     env = dict(os.environ)
     # The job's `python` is looked up on the head's PATH: it must be the environment with the project's
     # dependencies (on a cluster the setup commands install them), here the test's own interpreter.
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PYTHONPATH=str(ROOT),
+    # Token auth on, with a token of the test's own (a fresh machine has no ~/.ray/auth_token).
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex,
+               PYTHONPATH=str(ROOT),
                RAY_DATA_DISABLE_PROGRESS_BARS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     gcs, dash = _free_port(), _free_port()
     # Ray's socket paths must stay under 107 bytes, so its temp dir gets a short path of its own.
