@@ -316,6 +316,19 @@ def _round_manifest(cfg: MiddoConfig, k: int, stages: dict[str, dict], extra: di
             "versions": versions(), "config": cfg.model_dump(), "written": datetime.now(timezone.utc).isoformat()}
 
 
+def _check_resumable(root: Path, cfg: MiddoConfig) -> None:
+    """Refuses to resume a run directory made with a different config (its stages would be stale)."""
+    saved_path = root / "config.json"
+    if not (cfg.run.resume and saved_path.is_file()):
+        return
+    saved, now = _read_json(saved_path), cfg.model_dump()
+    changed = sorted(k for k in now if k not in ("run", "ray") and saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"run directory {root} was made with a different config (sections: {', '.join(changed)}); "
+                         f"its finished stages would not match. Use a new run.run_id, or set run.resume=false "
+                         f"to redo every stage")
+
+
 def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = None) -> dict:
     """Runs the loop to a stop rule and writes the final dataset; returns the summary."""
     from middo_ray import io
@@ -324,6 +337,7 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
         cfg.run.run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + config_hash(cfg)
     root = Path(cfg.run.output_dir).resolve() / cfg.run.run_id
     root.mkdir(parents=True, exist_ok=True)
+    _check_resumable(root, cfg)
     _write_json(root / "config.json", cfg.model_dump())
     log.info("run directory: %s", root)
     init_ray(cfg)

@@ -50,3 +50,17 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
     second = run_loop(_cfg(tmp_path, port))
     assert {m: m.read_text() for m in markers} == stamps
     assert second["history"] == first["history"] and second["sizes"] == first["sizes"]
+
+
+@pytest.mark.unit
+def test_resume_refuses_a_changed_config(tmp_path):
+    """Resuming a run directory with a different config is an error naming the changed section."""
+    from middo_ray.loop import _check_resumable, _write_json
+
+    cfg = _cfg(tmp_path, 8000)
+    (tmp_path / "t").mkdir()
+    _write_json(tmp_path / "t" / "config.json", cfg.model_dump())
+    _check_resumable(tmp_path / "t", cfg)
+    cfg.select.quality_m = 2.0
+    with pytest.raises(ValueError, match="sections: select"):
+        _check_resumable(tmp_path / "t", cfg)
