@@ -130,14 +130,13 @@ def init_ray(cfg: MiddoConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ("MIDDO_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
     if address:
         # Inside `ray job submit` the job's runtime env (working_dir, env_vars) already applies, and
         # Ray refuses a second one that sets the same keys.
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env)
+        return
+    env = {k: os.environ[k] for k in ("MIDDO_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ}
+    ray.init(num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None)
 
 
 # ---------------------------------------------------------------------------------------------

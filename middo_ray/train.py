@@ -286,7 +286,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         tmp = Path(tempfile.mkdtemp(prefix="middo_ckpt_"))
         try:
-            _drop_gguf_marker(inner)
             inner.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / "train_summary.json").write_text(json.dumps(summary))
@@ -295,22 +294,6 @@ def _train_loop(config: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         ray.train.report(summary)
-
-
-def _drop_gguf_marker(model) -> None:
-    """Clears a GGUF 'quantization' left in the config of a checkpoint converted from GGUF.
-
-    transformers de-quantizes GGUF weights to floats on load but keeps ``quantization_config`` (and thus an
-    ``hf_quantizer``) when the converted checkpoint's config still names the GGUF file, and then refuses to
-    save the model. The weights trained here are plain floats, so the marker is dropped before saving.
-    """
-    qcfg = getattr(model.config, "quantization_config", None)
-    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
-    if str(getattr(method, "value", method)).lower() != "gguf":
-        return
-    model.hf_quantizer = None
-    model.is_quantized = False
-    delattr(model.config, "quantization_config")
 
 
 def _all_reduce_floats(values: list[float]) -> list[float]:
