@@ -62,6 +62,19 @@ def _apply_cutoff(prompt_ids: list[int], resp_ids: list[int], cutoff_len: int) -
     return Encoded(kept_prompt + resp_ids[:resp_keep], len(kept_prompt), True)
 
 
+def empty_prompt_variant(enc: Encoded, row: dict, tokenizer, template: str = "default") -> Encoded:
+    """The same response tokens (as kept by the cutoff rule) after the template with an empty prompt.
+
+    Its loss is the denominator of IFD: how well the model predicts the response without being told
+    the instruction. System text and history are dropped too, so only the bare template remains.
+    """
+    empty = {"instruction": "", "input": "", "output": "", "system": "", "history": "[]"}
+    prompt_ids = _ids(tokenizer, render_prompt(empty, tokenizer, template))
+    if template == "default" and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    return Encoded(prompt_ids + enc.input_ids[enc.prompt_len:], len(prompt_ids), enc.truncated)
+
+
 def encode_prompt_only(row: dict, tokenizer, template: str = "default", cutoff_len: int = 512) -> list[int]:
     """Prompt tokens alone (for generation), left-truncated to the cutoff."""
     ids = _ids(tokenizer, render_prompt(row, tokenizer, template))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from middo_ray.encode import Encoded
-from middo_ray.signals.loss import masked_mean
 
 
 @dataclass
@@ -55,9 +54,19 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+def _head_chunk(vocab: int, budget_floats: int = 1 << 26) -> int:
+    """Positions per vocabulary projection so the logits chunk stays under ~256 MB of float32."""
+    return max(64, budget_floats // max(vocab, 1))
+
+
 def forward_scores(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 4096,
                    want_embedding: bool = False) -> ForwardScores:
-    """Per-sample mean response NLL (and optionally prompt embeddings) for a list of encoded samples."""
+    """Per-sample mean response NLL (and optionally prompt embeddings) for a list of encoded samples.
+
+    All index work is vectorised: the response positions of a batch come from one mask, their
+    hidden states are gathered at once, projected through the LM head in memory-bounded chunks, and
+    the per-sample means are reduced with ``index_add_`` in float64.
+    """
     import torch
 
     n = len(encoded)
@@ -69,42 +78,42 @@ def forward_scores(model, encoded: list[Encoded], pad_id: int, batch_tokens: int
     device = next(model.parameters()).device
     decoder, head = _decoder_and_head(model)
     lengths = [len(e.input_ids) for e in encoded]
+    chunk = _head_chunk(head.weight.shape[0])
     with torch.inference_mode():
         for batch in length_batches(lengths, batch_tokens):
+            b = len(batch)
             width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
+            ids = torch.full((b, width), pad_id, dtype=torch.long)
             for r, i in enumerate(batch):
-                ids[r, : lengths[i]] = torch.tensor(encoded[i].input_ids)
-                att[r, : lengths[i]] = 1
+                ids[r, : lengths[i]] = torch.as_tensor(encoded[i].input_ids)
+            lens = torch.as_tensor([lengths[i] for i in batch])
+            plen = torch.as_tensor([encoded[i].prompt_len for i in batch])
+            ar = torch.arange(width)
+            att = (ar[None, :] < lens[:, None]).long()
             ids, att = ids.to(device), att.to(device)
             hidden = decoder(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, H)
-            # Rows/positions whose next token is a response token.
-            rows, pos, tgt, owner = [], [], [], []
-            for r, i in enumerate(batch):
-                start = max(encoded[i].prompt_len, 1)
-                for t in range(start, lengths[i]):
-                    rows.append(r)
-                    pos.append(t - 1)
-                    tgt.append(encoded[i].input_ids[t])
-                    owner.append(i)
-            if rows:
-                h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
-                logits = head(h).float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits, torch.tensor(tgt, device=device), reduction="none").cpu().numpy()
-                owner_arr = np.asarray(owner)
-                for i in batch:
-                    sel = nll[owner_arr == i]
-                    loss[i] = masked_mean(sel, np.ones_like(sel))
-                    ntok[i] = sel.size
+            # Positions t holding a response token that has a predecessor: predicted from t - 1.
+            target = (ar[None, :] >= plen.clamp(min=1)[:, None]) & (ar[None, :] < lens[:, None])
+            r_idx, t_idx = target.nonzero(as_tuple=True)
+            if r_idx.numel():
+                r_dev, t_dev = r_idx.to(device), t_idx.to(device)
+                h = hidden[r_dev, t_dev - 1]
+                tgt = ids[r_dev, t_dev]
+                nll = torch.cat([
+                    torch.nn.functional.cross_entropy(head(h[s:s + chunk]).float(), tgt[s:s + chunk],
+                                                      reduction="none")
+                    for s in range(0, h.shape[0], chunk)]).double().cpu()
+                sums = torch.zeros(b, dtype=torch.float64).index_add_(0, r_idx, nll)
+                counts = torch.zeros(b, dtype=torch.float64).index_add_(0, r_idx, torch.ones_like(nll))
+                rows = np.asarray(batch)
+                has = counts.numpy() > 0
+                loss[rows[has]] = (sums / counts.clamp(min=1)).numpy()[has]
+                ntok[rows] = counts.numpy().astype(np.int64)
             if want_embedding:
                 if emb is None:
                     emb = np.zeros((n, hidden.shape[-1]), dtype=np.float32)
-                pmask = torch.zeros_like(att, dtype=hidden.dtype)
-                for r, i in enumerate(batch):
-                    pmask[r, : encoded[i].prompt_len] = 1
-                summed = (hidden * pmask.unsqueeze(-1)).sum(dim=1).float()
+                pmask = (ar[None, :] < plen[:, None]).to(device=device, dtype=torch.float32)
+                summed = (hidden.float() * pmask.unsqueeze(-1)).sum(dim=1)
                 count = pmask.sum(dim=1, keepdim=True).float()
                 pooled = torch.where(count > 0, summed / count.clamp(min=1), torch.full_like(summed, float("nan")))
                 emb[batch] = pooled.cpu().numpy()

@@ -55,14 +55,79 @@ def test_signals_are_complete_and_aligned_by_id(ray_local, tiny_model):
     d = run_diagnosis(rows, _cfg(), "tiny", cache)
     assert d.sample_ids == [r["sample_id"] for r in rows]
     assert set(cache) == set(d.sample_ids)
-    for col in ("loss_pre", "loss_cur", "quality", "knn_sim", *JUDGE_COLUMNS):
+    for col in ("loss_pre", "loss_cur", "quality", "knn_sim", "ifd", "loss_empty", *JUDGE_COLUMNS):
         v = d.columns[col]
         assert v.shape == (len(rows),) and np.isfinite(v).all(), col
     q = np.stack([d.columns[c] for c in JUDGE_COLUMNS])
     assert (q >= 0).all() and (q <= 10).all()
     assert d.embeddings.shape[0] == len(rows)
+    np.testing.assert_allclose(d.columns["ifd"], d.columns["loss_cur"] / d.columns["loss_empty"], rtol=1e-9)
+    assert d.counts["knn"]["method"] == "exact" and d.counts["judge"]["missing_judgements"] == 0
     again = run_diagnosis(rows[:5], _cfg(), "tiny", cache)
     assert again.counts["pre_loss_computed"] == 0 and again.counts["pre_loss_cached"] == 5
+    np.testing.assert_allclose(again.columns["loss_pre"], d.columns["loss_pre"][:5])
+
+
+def test_pre_model_differs_and_is_scored_only_for_new_rows(ray_local, tiny_model, tmp_path):
+    """With a pre model different from the current one, loss_pre comes from the pre model, and only
+    rows missing from the cache are scored with it (one pass over the data)."""
+    from middo_ray.models import load_model as _load
+
+    model, tok = _load("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    other = tmp_path / "scaled"
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    rows = _rows()[:10]
+    cfg = build_config({"model": {"base": "tiny", "pre": str(other)}, "data": {"cutoff_len": 64},
+                        "diagnose": {"judge": False, "ifd": False}, "select": {"axes": ["complexity", "diversity"]}})
+    cache = {rows[0]["sample_id"]: 123.0}
+    d = run_diagnosis(rows, cfg, "tiny", cache)
+    assert d.columns["loss_pre"][0] == 123.0 and d.counts["pre_loss_computed"] == 9
+    assert np.all(np.abs(d.columns["loss_pre"][1:] - d.columns["loss_cur"][1:]) > 1e-3)
+    enc = encode_row(rows[3], tok, "default", 64)
+    ids = torch.tensor([enc.input_ids])
+    labels = ids.clone()
+    labels[0, : enc.prompt_len] = -100
+    scaled, _ = _load(str(other))
+    with torch.no_grad():
+        want = scaled(input_ids=ids, labels=labels).loss.item()
+    assert d.columns["loss_pre"][3] == pytest.approx(want, abs=1e-4)
+    assert np.isnan(d.columns["quality"]).all() and np.isnan(d.columns["ifd"]).all()
+
+
+def test_generate_judge_mode_records_failures_as_missing(ray_local, tiny_model):
+    """The random tiny model never writes a score: every judgement is missing (NaN, never 0), the
+    quality is NaN, and the counts say so."""
+    rows = _rows()[:6]
+    d = run_diagnosis(rows, _cfg(judge_mode="generate", judge_max_new_tokens=4), "tiny")
+    q = np.stack([d.columns[c] for c in JUDGE_COLUMNS])
+    assert d.counts["judge"]["mode"] == "generate"
+    assert d.counts["judge"]["missing_judgements"] == int(np.isnan(q).sum())
+    assert not (q == 0).any()
+    parsed = q[np.isfinite(q)]
+    assert ((parsed >= 0) & (parsed <= 10)).all()
+
+
+@pytest.mark.slow
+def test_generate_judge_parses_smollm2_scores():
+    """SmolLM2 answers the judge prompts with numbers: the generate mode parses them into [0, 10],
+    and the probability-weighted mode ranks samples in broadly the same order."""
+    from middo_ray.diagnose import judge_generate, judge_scores
+
+    model, tok = load_model("smollm2", "float32")
+    rows = [make_row("What is the capital of France?", "The capital of France is Paris."),
+            make_row("What is the capital of France?", "banana banana purple the the"),
+            make_row("Name a primary colour.", "Red is a primary colour."),
+            make_row("asdf qwer zxcv?", "I like turtles.")]
+    gen = judge_generate(model, tok, rows, "default", 512, 4096, temperature=0.1, max_new_tokens=6, seed=0)
+    ok = gen[np.isfinite(gen)]
+    assert ok.size >= gen.size // 2, gen
+    assert ((ok >= 0) & (ok <= 10)).all()
+    prob = judge_scores(model, tok, rows, "default", 512, 4096)
+    assert np.isfinite(prob).all() and ((prob >= 0) & (prob <= 10)).all()
 
 
 def test_shared_prefix_judge_equals_full_prompts(tiny_model):
