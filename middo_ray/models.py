@@ -138,10 +138,25 @@ def resolve_model(spec: str) -> str:
         return str(ensure_tiny())
     p = Path(spec).expanduser()
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model directory '{p}' has no config.json; point to a Hugging Face checkpoint dir")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"model directory '{p}' has no config.json (nor adapter_config.json); point to a "
+                                    "Hugging Face checkpoint dir or a peft adapter dir")
         return str(p.resolve())
     return spec
+
+
+def adapter_base(path: str) -> str | None:
+    """Base model of a peft adapter directory (from its adapter_config.json); None for a full checkpoint."""
+    p = Path(path)
+    if (p / "config.json").is_file() or not (p / "adapter_config.json").is_file():
+        return None
+    import json
+
+    base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter '{p}' does not name its base model (base_model_name_or_path in "
+                         "adapter_config.json); set it to the base checkpoint's path")
+    return base
 
 
 def pick_dtype(name: str = "auto", device: str = "cpu") -> Any:
@@ -162,7 +177,11 @@ def load_tokenizer(spec: str):
     """Tokenizer with a pad token (the EOS when the model has none) and right padding."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(spec))
+    path = resolve_model(spec)
+    base = adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        path = resolve_model(base)  # an adapter saved without its tokenizer uses the base's
+    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -170,12 +189,25 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, dtype: str = "auto", device: str | None = None, train: bool = False):
-    """Loads (model, tokenizer) for inference (eval mode, no grad) or training."""
+    """Loads (model, tokenizer) for inference (eval mode, no grad) or training.
+
+    ``spec`` may also be a peft adapter directory (``adapter_config.json``, as ``train.lora_save=adapter``
+    writes): its base model is loaded and the adapter merged in.
+    """
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     path = resolve_model(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    base = adapter_base(path)
+    if base is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    else:
+        # A LoRA adapter directory: base weights plus the adapter, merged so that every stage (loss,
+        # embeddings, judging, generation) runs a plain model at full speed.
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype=pick_dtype(dtype, device))
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     model.to(device)
     model.train(train)
     if not train:
