@@ -1,12 +1,47 @@
 """Pure math of the diversity axis: embeddings in, kNN similarity scores out.
 
-Exact k-nearest-neighbour search by cosine similarity in blocks of queries, so memory stays at
-``block x N`` floats instead of the reference's N x N matrix.
+Two searches share one contract (cosine similarity, a row is never its own neighbour, invalid rows
+are never neighbours):
+
+* **exact**: query blocks against base blocks with a running top-k, so memory is
+  ``query_block x base_block`` floats whatever N is (the reference builds an N x N matrix).
+  Cost is O(N^2 D): fine up to ~10^5 rows, about 10^15 FLOP at 1M x 576.
+* **faiss**: an inverted-file index (IVF-Flat, inner product on unit vectors, spherical k-means
+  coarse quantizer) that scans only ``nprobe`` of ``nlist`` clusters per query. Returned
+  similarities are exact inner products of the neighbours it finds; only which neighbours are
+  found is approximate (recall@k, measured in ``benchmarks/knn_bench.py``).
+
+``knn_search`` picks one (``method='auto'``: exact up to ``exact_max_n`` rows, FAISS above) and
+returns a ``KnnResult``. See docs/knn.md for the rule and measured numbers.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import numpy as np
+
+METHODS = ("auto", "exact", "faiss")
+FAISS_OPTIONS = ("nlist", "nprobe", "train_size", "niter", "threads", "scan")
+SCANS = ("lists", "index")
+
+_QUERY_BLOCK = 2048          # query rows per matrix product in the exact search
+_PRODUCT_FLOATS = 1 << 25    # cap on one query_block x base_block product (128 MiB of float32)
+_FAISS_CHUNK = 65536         # rows normalised / coarse-assigned per step
+
+
+@dataclass
+class KnnResult:
+    """Neighbours of every row and the diversity score derived from them."""
+
+    avg_sim: np.ndarray   # (N,) float64: mean similarity to the k neighbours; NaN if fewer than k valid others
+    nbr_idx: np.ndarray   # (N, k) int64: neighbour rows, most similar first (ties: lower index first); -1 where missing
+    nbr_sim: np.ndarray   # (N, k) float32: their cosine similarities; NaN where missing
+    info: dict = field(default_factory=dict)  # method, index parameters, seconds, ...
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -19,40 +54,391 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _unit_rows(x: np.ndarray, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-length float32 copies of ``x[rows]`` with invalid rows zeroed, and their validity mask."""
+    u = l2_normalize(x[rows])
+    ok = np.isfinite(u).all(axis=1)
+    u[~ok] = 0.0
+    return u, ok
+
+
+def _valid_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Rows with a finite, non-zero norm (the same rule as ``l2_normalize``), computed in chunks."""
+    out = np.empty(x.shape[0], dtype=bool)
+    for s in range(0, x.shape[0], chunk):
+        out[s:s + chunk] = _unit_rows(x, slice(s, s + chunk))[1]
+    return out
+
+
+def _check(embeddings, k: int) -> np.ndarray:
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array of shape (N, D); got shape {x.shape}. "
+                         "Stack one vector per row (a single vector is x[None, :]).")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise ValueError(f"embeddings must be real numbers; got dtype {x.dtype}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1 (neighbours per row); got {k!r}")
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+def _merge_topk(sim_a, idx_a, sim_b, idx_b, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of two candidate sets per row: higher similarity first, then lower index."""
+    sim = np.concatenate([sim_a, sim_b], axis=1)
+    idx = np.concatenate([idx_a, idx_b], axis=1)
+    key = np.where(idx < 0, np.iinfo(np.int64).max, idx)  # empty slots last
+    order = np.lexsort((key, -sim), axis=1)[:, :k]
+    return np.take_along_axis(sim, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def _block_topk(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k columns per row of a similarity block (overwritten), best first, lower column on ties."""
+    b, m = s.shape
+    kk = min(k, m)
+    rows = np.arange(b)
+    if kk <= 8:
+        # k small (the diversity axis uses 2): k argmax passes touch the block k times and allocate
+        # nothing of its size, where argpartition would allocate a b x m int64 array.
+        idx = np.empty((b, kk), dtype=np.int64)
+        sim = np.empty((b, kk), dtype=np.float32)
+        for j in range(kk):
+            a = s.argmax(axis=1)
+            idx[:, j] = a
+            sim[:, j] = s[rows, a]
+            s[rows, a] = -np.inf
+    else:
+        part = np.argpartition(s, m - kk, axis=1)[:, m - kk:]
+        psim = np.take_along_axis(s, part, axis=1)
+        order = np.lexsort((part, -psim), axis=1)
+        idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
+        sim = np.take_along_axis(psim, order, axis=1)
+    idx[~np.isfinite(sim)] = -1
+    return sim, idx
+
+
+def _exact_topk(x: np.ndarray, valid: np.ndarray, queries: np.ndarray, k: int,
+                query_block: int = _QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of rows ``queries`` against every valid row of ``x`` (self excluded by index).
+
+    Base rows are normalised block by block, so no normalised copy of ``x`` is kept; memory is
+    ``query_block x base_block`` floats plus O(len(queries) x k).
+    """
+    n = x.shape[0]
+    nq = len(queries)
+    out_sim = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_idx = np.full((nq, k), -1, dtype=np.int64)
+    if nq == 0 or n == 0:
+        return out_sim, out_idx
+    qb = max(1, min(query_block, nq))
+    bb = max(256, min(n, _PRODUCT_FLOATS // qb))
+    for qs in range(0, nq, qb):
+        qrows = queries[qs:qs + qb]
+        q, _ = _unit_rows(x, qrows)
+        best_sim = np.full((len(qrows), k), -np.inf, dtype=np.float32)
+        best_idx = np.full((len(qrows), k), -1, dtype=np.int64)
+        for bs in range(0, n, bb):
+            be = min(bs + bb, n)
+            base, _ = _unit_rows(x, slice(bs, be))
+            s = q @ base.T
+            bad = ~valid[bs:be]
+            if bad.any():
+                s[:, bad] = -np.inf
+            mine = np.flatnonzero((qrows >= bs) & (qrows < be))
+            s[mine, qrows[mine] - bs] = -np.inf        # never your own neighbour (by index, not value)
+            sim, idx = _block_topk(s, k)
+            idx[idx >= 0] += bs
+            best_sim, best_idx = _merge_topk(best_sim, best_idx, sim, idx, k)
+        out_sim[qs:qs + len(qrows)] = best_sim
+        out_idx[qs:qs + len(qrows)] = best_idx
+    return out_sim, out_idx
+
+
+def exact_neighbors(embeddings: np.ndarray, rows: np.ndarray | None = None, k: int = 2,
+                    query_block: int = _QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k of the given rows (default: all) against the whole set.
+
+    Used as the ground truth for recall and to finish rows an approximate search left short.
+
+    Returns:
+        nbr_idx (len(rows), k) int64 (-1 where missing) and nbr_sim (len(rows), k) float32 (NaN
+        where missing), most similar first, ties broken by lower index.
+    """
+    x = _check(embeddings, k)
+    valid = _valid_rows(x)
+    rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    sim, idx = _exact_topk(x, valid, rows, k, query_block)
+    sim[idx < 0] = np.nan
+    return idx, sim
+
+
 def knn_similarity(embeddings: np.ndarray, k: int = 2, block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact cosine kNN of every row against all others.
 
     Args:
         embeddings: (N, D) vectors; rows with NaN/zero norm get NaN scores and are never neighbours.
         k: neighbours per row (the reference uses 2).
-        block: query rows per matrix product (bounds memory to block x N).
+        block: query rows per matrix product (memory is ``block x base_block`` floats, never N x N).
 
     Returns:
         avg_sim (N,): mean similarity to the k neighbours (NaN if fewer than k valid others);
-        nbr_idx (N, k): neighbour indices, most similar first (-1 where missing);
+        nbr_idx (N, k): neighbour indices, most similar first, ties by lower index (-1 where missing);
         nbr_sim (N, k): their similarities.
     """
-    e = l2_normalize(embeddings)
-    n = e.shape[0]
-    valid = np.isfinite(e).all(axis=1)
-    avg = np.full(n, np.nan)
+    r = knn_search(embeddings, k=k, method="exact", block=block)
+    return r.avg_sim, r.nbr_idx, r.nbr_sim
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def _faiss_threads(n: int):
+    """FAISS's OpenMP thread count set for the block and restored after (it is process-global)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def faiss_params(n_valid: int, **opts) -> dict:
+    """IVF parameters for ``n_valid`` searchable rows; explicit ``opts`` override the defaults.
+
+    Defaults (why):
+        nlist = 4 * sqrt(N), capped at N / 39 so k-means has the 39 points per centroid FAISS asks
+            for: lists of ~sqrt(N)/4 rows balance the coarse (N x nlist) and fine (N x nprobe x N/nlist)
+            work.
+        nprobe = max(16, nlist / 32), at most nlist: scans ~3% of the set per query, which gave
+            recall@2 >= 0.95 on clustered 576-d data (benchmarks/knn_bench.py).
+        train_size = min(N, 40 * nlist): k-means on a seeded subsample, enough for stable centroids.
+        niter = 10 k-means iterations; threads = the usable cores.
+    """
+    unknown = sorted(set(opts) - set(FAISS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown FAISS option(s) {unknown}; allowed: {list(FAISS_OPTIONS)}")
+    scan = opts.pop("scan", None) or "lists"
+    if scan not in SCANS:
+        raise ValueError(f"unknown FAISS scan {scan!r}; use one of {list(SCANS)}")
+    for key, v in opts.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"FAISS option {key} must be an integer >= 1; got {v!r}")
+    nlist = opts.get("nlist") or max(1, min(round(4 * math.sqrt(n_valid)), n_valid // 39))
+    nlist = min(int(nlist), max(1, n_valid))
+    nprobe = min(int(opts.get("nprobe") or max(16, nlist // 32)), nlist)
+    train_size = min(int(opts.get("train_size") or 40 * nlist), n_valid)
+    if train_size < nlist:
+        raise ValueError(f"FAISS train_size={train_size} is below nlist={nlist}; k-means needs at least one "
+                         "point per centroid: raise train_size or lower nlist")
+    return {"nlist": nlist, "nprobe": nprobe, "train_size": train_size,
+            "niter": int(opts.get("niter") or 10), "threads": int(opts.get("threads") or _default_threads()),
+            "scan": scan}
+
+
+def _train_ivf(xn: np.ndarray, seed: int, params: dict):
+    """IVF-Flat inner-product index trained by spherical k-means on a seeded subsample (not filled)."""
+    import faiss
+
+    nv, d = xn.shape
+    nlist = params["nlist"]
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.choice(nv, size=params["train_size"], replace=False))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = int(seed)
+    index.cp.niter = params["niter"]
+    index.cp.spherical = True                        # centroids on the unit sphere, like the data
+    index.cp.max_points_per_centroid = max(1, -(-params["train_size"] // nlist))  # we subsampled already
+    index.cp.min_points_per_centroid = 1             # small N is deliberate (nlist is capped); no warning
+    index.train(xn[train])
+    index.nprobe = params["nprobe"]
+    return index, quantizer
+
+
+def _scan_lists(xn: np.ndarray, assign: np.ndarray, nlist: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of every row among the rows of the lists it probes, one list at a time.
+
+    ``assign[i]`` holds the ``nprobe`` lists row i probes, its own list first. The rows of list l
+    are multiplied, in one matrix product, with the rows of every list that any of them probes.
+    That covers each row's own probes (so recall is at least a per-query IVF search with the same
+    nprobe) and is a few large, BLAS-efficient products instead of N small, memory-bound scans.
+
+    Returns:
+        (nv, k) similarities and row positions, best first; -inf / -1 where fewer were found.
+    """
+    nv = xn.shape[0]
+    own = assign[:, 0]
+    order = np.argsort(own, kind="stable")
+    lim = np.searchsorted(own[order], np.arange(nlist + 1))
+    best_sim = np.full((nv, k), -np.inf, dtype=np.float32)
+    best_idx = np.full((nv, k), -1, dtype=np.int64)
+    scanned = 0
+    for lst in range(nlist):
+        rows = order[lim[lst]:lim[lst + 1]]
+        if len(rows) == 0:
+            continue
+        probed = np.unique(assign[rows])
+        lists = np.concatenate([[lst], probed[probed != lst]])   # own list first: self sits at offset 0
+        cand = np.concatenate([order[lim[p]:lim[p + 1]] for p in lists])
+        scanned += len(rows) * len(cand)
+        base = xn[cand]
+        qb = max(64, _PRODUCT_FLOATS // len(cand))   # bounds one product at ~2^25 floats
+        for qs in range(0, len(rows), qb):
+            q = rows[qs:qs + qb]
+            s = xn[q] @ base.T
+            s[np.arange(len(q)), qs + np.arange(len(q))] = -np.inf   # never your own neighbour (by index)
+            sim, idx = _block_topk(s, k)
+            best_sim[q] = sim
+            best_idx[q] = np.where(idx >= 0, cand[np.maximum(idx, 0)], -1)
+    return best_sim, best_idx, scanned / max(1, nv) / max(1, nv)
+
+
+def _faiss_topk(x: np.ndarray, valid: np.ndarray, k: int, seed: int, params: dict
+                ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Approximate top-k of every valid row: FAISS IVF coarse quantizer, then a list-by-list scan.
+
+    FAISS trains the spherical k-means centroids and assigns every row to its ``nprobe`` nearest
+    lists (both BLAS-bound). The fine search uses that the queries are the indexed rows themselves:
+    ``scan='lists'`` (default) multiplies each list once with all the queries probing it
+    (``_scan_lists``); ``scan='index'`` is FAISS's own query-by-query ``IndexIVFFlat.search``,
+    which re-reads ``nprobe`` lists from memory per query and is memory-bound (kept to compare).
+    """
+    n, d = x.shape
+    vpos = np.flatnonzero(valid)                     # position among valid rows -> row of x
+    nv = len(vpos)
+    t = time.perf_counter()
+    xn = np.empty((nv, d), dtype=np.float32)         # unit rows: queries and database at once
+    for s in range(0, nv, _FAISS_CHUNK):
+        xn[s:s + _FAISS_CHUNK] = _unit_rows(x, vpos[s:s + _FAISS_CHUNK])[0]
+    index, quantizer = _train_ivf(xn, seed, params)
+    t_train = time.perf_counter() - t
+
+    t = time.perf_counter()
+    nprobe = params["nprobe"]
+    assign = np.empty((nv, nprobe), dtype=np.int64)   # nearest lists per row; the first is its own
+    for s in range(0, nv, _FAISS_CHUNK):
+        assign[s:s + _FAISS_CHUNK] = quantizer.search(xn[s:s + _FAISS_CHUNK], nprobe)[1]
+    t_assign = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scanned = None
+    if params["scan"] == "lists":
+        D, I, scanned = _scan_lists(xn, assign, params["nlist"], k)
+    else:
+        import faiss
+
+        own = np.ascontiguousarray(assign[:, 0])
+        index.add_core(nv, faiss.swig_ptr(xn), None, faiss.swig_ptr(own))   # ids = positions 0..nv-1
+        D = np.empty((nv, k), dtype=np.float32)
+        I = np.empty((nv, k), dtype=np.int64)
+        for s in range(0, nv, _FAISS_CHUNK):
+            q = xn[s:s + _FAISS_CHUNK]
+            Ds, Is = index.search(q, k + 1)          # k + 1: the row itself is usually among them
+            Is[Is == np.arange(s, s + len(q))[:, None]] = -1   # drop self by index
+            Ds = np.where(Is < 0, -np.inf, Ds).astype(np.float32)
+            D[s:s + len(q)], I[s:s + len(q)] = _merge_topk(Ds, Is, Ds[:, :0], Is[:, :0], k)
+    del xn, assign, index
+    t_search = time.perf_counter() - t
+
+    sims = np.full((n, k), -np.inf, dtype=np.float32)
     idx = np.full((n, k), -1, dtype=np.int64)
-    sim = np.full((n, k), np.nan, dtype=np.float32)
-    if n == 0 or valid.sum() <= k:
-        return avg, idx, sim
-    base = np.where(valid[:, None], e, 0.0).astype(np.float32)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        s = base[start:stop] @ base.T                       # (b, N)
-        s[:, ~valid] = -np.inf
-        s[np.arange(stop - start), np.arange(start, stop)] = -np.inf   # never your own neighbour
-        top = np.argpartition(-s, k, axis=1)[:, :k]
-        top_sim = np.take_along_axis(s, top, axis=1)
-        order = np.argsort(-top_sim, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        top_sim = np.take_along_axis(top_sim, order, axis=1)
-        rows = valid[start:stop]
-        idx[start:stop][rows] = top[rows]
-        sim[start:stop][rows] = top_sim[rows]
-        avg[start:stop][rows] = top_sim[rows].mean(axis=1)
-    return avg, idx, sim
+    sims[vpos] = D
+    idx[vpos] = np.where(I >= 0, vpos[np.maximum(I, 0)], -1)
+    # Probed lists can hold fewer than k others (tiny or isolated clusters): finish those rows exactly.
+    short = vpos[(I < 0).any(axis=1)]
+    if len(short):
+        sims[short], idx[short] = _exact_topk(x, valid, short, k)
+    info = {"index": f"IVF{params['nlist']},Flat,IP", **params, "seed": int(seed),
+            "exact_fallback_rows": int(len(short)),
+            "scanned_fraction": None if scanned is None else round(float(scanned), 5), "seconds_train": round(t_train, 3),
+            "seconds_assign": round(t_assign, 3), "seconds_search": round(t_search, 3)}
+    return sims, idx, info
+
+
+def knn_search(embeddings: np.ndarray, k: int = 2, method: str = "auto", exact_max_n: int = 50_000,
+               seed: int = 0, block: int = _QUERY_BLOCK, **faiss_opts) -> KnnResult:
+    """Cosine k-nearest neighbours of every row, exact or with FAISS, and their mean similarity.
+
+    Semantics (both methods): rows are L2-normalised; a row is never its own neighbour (excluded by
+    index, so exact duplicates are each other's neighbours at similarity 1); rows with a zero or
+    non-finite norm get NaN and are never neighbours; with fewer than k valid other rows every
+    score is NaN.
+
+    Args:
+        embeddings: (N, D) array, any real dtype (computed in float32).
+        k: neighbours per row (the diversity axis uses 2).
+        method: 'exact', 'faiss', or 'auto' (exact when N <= exact_max_n, FAISS above).
+        exact_max_n: the largest N that 'auto' searches exactly.
+        seed: seeds the k-means training subsample and initialisation (FAISS results are
+            deterministic for a given seed, input and thread count).
+        block: query rows per matrix product in the exact search.
+        **faiss_opts: nlist, nprobe, train_size, niter, threads (see ``faiss_params``).
+
+    Peak memory, beyond the caller's array (plus a float32 copy of it if it is not float32):
+        exact: ~``2^25`` floats for one query x base block (128 MiB) plus O(N k);
+        faiss: the index, N x (4 D + 8) bytes (2.3 GiB at 1M x 576), a train sample of
+            ``train_size x D`` floats and the nlist x D centroids, plus O(N k); never N x N.
+
+    Returns:
+        KnnResult; ``info`` has the method used, its parameters and the wall seconds.
+    """
+    t0 = time.perf_counter()
+    x = _check(embeddings, k)
+    if method not in METHODS:
+        raise ValueError(f"unknown kNN method {method!r}; use one of {list(METHODS)}")
+    if isinstance(exact_max_n, bool) or not isinstance(exact_max_n, (int, np.integer)) or exact_max_n < 1:
+        raise ValueError(f"exact_max_n must be an integer >= 1; got {exact_max_n!r}")
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be an integer >= 1 (query rows per product); got {block!r}")
+    n = x.shape[0]
+    chosen = method if method != "auto" else ("exact" if n <= exact_max_n else "faiss")
+    if chosen == "exact" and faiss_opts:
+        faiss_params(max(n, 1), **faiss_opts)        # still reject typos, even when unused
+    valid = _valid_rows(x)
+    nv = int(valid.sum())
+    info: dict = {"method": chosen, "n": n, "n_valid": nv, "k": k}
+    if chosen == "exact":
+        info["block"] = int(block)
+    avg = np.full(n, np.nan)
+    sims = np.full((n, k), np.nan, dtype=np.float32)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    if nv > k:                                       # every valid row has >= k valid others
+        vrows = np.flatnonzero(valid)
+        if chosen == "exact":
+            s, i = _exact_topk(x, valid, vrows, k, block)
+            sims[vrows], idx[vrows] = s, i
+        else:
+            params = faiss_params(nv, **faiss_opts)
+            with _faiss_threads(params["threads"]):
+                s, i, finfo = _faiss_topk(x, valid, k, seed, params)
+            sims[vrows], idx[vrows] = s[vrows], i[vrows]
+            info.update(finfo)
+        sims[idx < 0] = np.nan
+        avg[vrows] = sims[vrows].astype(np.float64).mean(axis=1)   # NaN if any neighbour is missing
+    elif chosen == "faiss":
+        info.update(faiss_params(max(nv, 1), **faiss_opts))
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return KnnResult(avg, idx, sims, info)
+
+
+def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
+    """Fraction of the exact neighbours that the approximate search also returned.
+
+    Both (N, k) with -1 for missing; rows are compared as sets, so order does not matter. Exact
+    neighbours marked -1 are not counted. Returns NaN when there is no exact neighbour at all.
+    Note: among exactly tied neighbours the two searches may pick different rows; that counts as a miss.
+    """
+    a = np.asarray(approx_idx)
+    e = np.asarray(exact_idx)
+    if a.ndim != 2 or a.shape != e.shape:
+        raise ValueError(f"approx_idx and exact_idx must be (N, k) arrays of the same shape; "
+                         f"got {a.shape} and {e.shape}")
+    hit = ((a[:, :, None] == e[:, None, :]) & (e[:, None, :] >= 0)).any(axis=1)  # (N, k) per exact nbr
+    total = int((e >= 0).sum())
+    return float("nan") if total == 0 else float(hit.sum()) / total
