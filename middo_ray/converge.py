@@ -1,15 +1,26 @@
-"""Stop rules of the loop: max rounds, plateau of the eval metric, flagged fraction below epsilon."""
+"""Stop rules of the loop: max rounds, plateau of the eval metric, flagged fraction below epsilon.
+
+The watched metric (``eval.metric``) is any key of the eval dict the loop records per round:
+``heldout_loss`` (lower is better), ``mc_accuracy``, a suite name such as ``gsm8k`` or ``arc_challenge``,
+or ``average`` (all scores in [0, 1], higher is better).
+"""
 
 from __future__ import annotations
 
 from middo_ray.config import ConvergeConfig
 
-LOWER_IS_BETTER = {"heldout_loss": True, "mc_accuracy": False}
+# Metrics where lower is better; every other metric (accuracies, pass@1, their average) is higher-better.
+LOWER_IS_BETTER = {"heldout_loss": True}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Direction of a metric: losses go down, scores go up."""
+    return LOWER_IS_BETTER.get(metric, metric.endswith("_loss"))
 
 
 def improvement(metric: str, old: float, new: float) -> float:
     """Signed improvement of ``new`` over ``old`` (positive = better) for the named metric."""
-    return (old - new) if LOWER_IS_BETTER[metric] else (new - old)
+    return (old - new) if lower_is_better(metric) else (new - old)
 
 
 def best_round(history: list[dict], metric: str) -> int:
@@ -17,7 +28,7 @@ def best_round(history: list[dict], metric: str) -> int:
     vals = [(h.get(metric), i) for i, h in enumerate(history) if h.get(metric) is not None]
     if not vals:
         return len(history) - 1
-    sign = 1 if LOWER_IS_BETTER[metric] else -1
+    sign = 1 if lower_is_better(metric) else -1
     return min(vals, key=lambda t: (sign * t[0], t[1]))[1]
 
 

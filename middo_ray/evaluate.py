@@ -1,4 +1,7 @@
-"""Evaluation of a trained model: held-out response loss and multiple-choice accuracy.
+"""Evaluation of a trained model: held-out response loss, multiple-choice accuracy, benchmark suites.
+
+The entry points (:func:`evaluate_model` in-process, :func:`evaluate_remote` on Ray Data) run the
+harness of :mod:`middo_ray.evalsuite`; this module keeps the two scoring primitives it builds on.
 
 - **Held-out loss**: token-weighted mean NLL over the response tokens (EOS included) of held-out rows,
   with the same encoding as training and diagnosis, so the numbers are comparable across rounds.
@@ -14,7 +17,6 @@ The choice is scored without a leading space: training tokenizes the response on
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +69,15 @@ def load_mc_items(path: str | Path, limit: int | None = None) -> list[dict[str, 
     return items
 
 
-def encode_choice(query: str, choice: str, tokenizer, template: str, cutoff_len: int) -> Encoded:
-    """Query as the prompt and the choice as the response, with the EOS removed from the span."""
-    enc = encode_row({"instruction": query, "input": "", "output": choice}, tokenizer, template, cutoff_len)
+def encode_choice(query: str, choice: str, tokenizer, template: str, cutoff_len: int,
+                  history: str | None = None) -> Encoded:
+    """Query as the prompt and the choice as the response, with the EOS removed from the span.
+
+    ``history`` (a JSON list of ``[question, answer]`` turns, the row format) puts few-shot examples
+    before the query as earlier turns.
+    """
+    row = {"instruction": query, "input": "", "output": choice, "history": history or ""}
+    enc = encode_row(row, tokenizer, template, cutoff_len)
     n_choice = len(tokenizer(choice, add_special_tokens=False)["input_ids"])
     if enc.response_len > n_choice:
         # The response span still ends with the EOS that encode_row appends (the cutoff, when it bites
@@ -80,14 +88,15 @@ def encode_choice(query: str, choice: str, tokenizer, template: str, cutoff_len:
 
 def mc_choice_scores(model, tokenizer, items: list[dict[str, Any]], template: str = "default",
                      cutoff_len: int = 512, batch_tokens: int = 4096) -> list[np.ndarray]:
-    """Summed log-probability of every choice of every item (one array per item)."""
+    """Summed log-probability of every choice of every item (one array per item; optional ``history``)."""
     from middo_ray.scoring import forward_scores
 
     encoded: list[Encoded] = []
     owners: list[int] = []
     for k, item in enumerate(items):
         for choice in item["choices"]:
-            encoded.append(encode_choice(item["query"], choice, tokenizer, template, cutoff_len))
+            encoded.append(encode_choice(item["query"], choice, tokenizer, template, cutoff_len,
+                                         item.get("history")))
             owners.append(k)
     fs = forward_scores(model, encoded, tokenizer.pad_token_id, batch_tokens=batch_tokens)
     # Mean NLL times token count is the summed NLL; a choice with no tokens scores -inf (never chosen).
@@ -121,43 +130,33 @@ def heldout_loss(model, tokenizer, rows: list[dict], template: str = "default", 
 
 
 def evaluate_model(model: str, heldout_rows: list[dict], cfg: MiddoConfig) -> dict[str, Any]:
-    """Held-out loss and multiple-choice accuracy of one model.
+    """Every configured evaluation of one model, in this process (no Ray).
 
     Args:
         model: Model spec ('smollm2', 'tiny') or a checkpoint directory / HF id.
         heldout_rows: Canonical rows kept out of training.
-        cfg: Run configuration; reads ``eval`` (mc_path, mc_limit), ``data`` (template, cutoff),
-            ``model.dtype`` and ``diagnose.batch_tokens``.
+        cfg: Run configuration; reads ``eval`` (mc_path, mc_limit, suites, ...), ``data`` (template,
+            cutoff), ``model.dtype`` and ``diagnose.batch_tokens``.
 
     Returns:
-        ``heldout_loss`` (None without rows), ``heldout_n`` (rows), ``heldout_tokens``,
-        ``mc_accuracy`` (None when skipped), ``mc_n`` (items scored) and ``seconds``.
+        The flat metrics dict: ``heldout_loss`` (None without rows), ``heldout_n``, ``heldout_tokens``,
+        ``mc_accuracy`` (None when skipped), ``mc_n``, per enabled suite ``<name>`` (score in [0, 1]),
+        ``<name>_n`` and ``<name>_seconds``, ``average`` (when suites are enabled) and ``seconds``.
 
     Raises:
         FileNotFoundError: When ``eval.mc_path`` names a file that does not exist.
     """
-    from middo_ray.models import load_model, threads_for_actor
+    from middo_ray.evalsuite.runner import evaluate_local
 
-    threads_for_actor()
-    t0 = time.time()
-    # Fail on a missing MC file before paying for the model load.
-    mc_file = resolve_mc_path(cfg.eval.mc_path)
-    lm, tok = load_model(model, dtype=cfg.model.dtype)
-    template, cutoff, budget = cfg.data.template, cfg.data.cutoff_len, cfg.diagnose.batch_tokens
-    loss, tokens = heldout_loss(lm, tok, heldout_rows, template, cutoff, budget)
-    acc: float | None = None
-    items: list[dict[str, Any]] = []
-    if mc_file is not None:
-        items = load_mc_items(mc_file, cfg.eval.mc_limit)
-        scores = mc_choice_scores(lm, tok, items, template, cutoff, budget)
-        acc = mc_accuracy(scores, [it["gold"] for it in items])
-    return {"heldout_loss": loss, "heldout_n": len(heldout_rows), "heldout_tokens": tokens,
-            "mc_accuracy": acc, "mc_n": len(items), "seconds": time.time() - t0}
+    return evaluate_local(model, heldout_rows, cfg)[0]
 
 
-def evaluate_remote(model: str, heldout_rows: list[dict], cfg: MiddoConfig) -> dict[str, Any]:
-    """Runs :func:`evaluate_model` as a Ray task on the cluster (one GPU when training uses GPUs)."""
-    import ray
+def evaluate_remote(model: str, heldout_rows: list[dict], cfg: MiddoConfig,
+                    out_dir: str | Path | None = None) -> dict[str, Any]:
+    """:func:`evaluate_model` batched on Ray Data actors (one GPU each on GPU clusters).
 
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(evaluate_model)
-    return ray.get(task.remote(model, heldout_rows, cfg))
+    Writes ``predictions.jsonl`` (one line per scored item) into ``out_dir`` when given.
+    """
+    from middo_ray.evalsuite.runner import evaluate_on_ray
+
+    return evaluate_on_ray(model, heldout_rows, cfg, Path(out_dir) if out_dir is not None else None)[0]

@@ -104,3 +104,48 @@ def test_evaluate_model_on_real_arc_items(tiny_model, shared_data):
     assert np.isfinite(res["heldout_loss"]) and res["seconds"] > 0
     skipped = evaluate_model(tiny_model, rows, build_config(overrides=["eval.mc_path=null"]))
     assert skipped["mc_accuracy"] is None and skipped["mc_n"] == 0
+
+
+def test_few_shot_history_comes_before_the_query_and_changes_scores(tiny):
+    """Guards few-shot MC: shots are earlier turns of the training template and do change the scores."""
+    model, tok = tiny
+    shots = json.dumps([["Question: What is 2 + 2?", "4"], ["Question: Capital of Italy?", "Rome"]])
+    enc = encode_choice(QUERY, "Paris", tok, "default", 512, history=shots)
+    text = tok.decode(enc.input_ids[: enc.prompt_len])
+    assert text.index("Capital of Italy?") < text.index("capital of France?") and text.rstrip().endswith("Assistant:")
+    item = {"query": QUERY, "choices": ["Paris", "Rome"], "gold": 0}
+    plain = mc_choice_scores(model, tok, [item])[0]
+    with_shots = mc_choice_scores(model, tok, [{**item, "history": shots}])[0]
+    assert not np.allclose(plain, with_shots)
+
+
+def test_fit_shots_drops_the_last_shots_to_fit_the_budget(tiny):
+    """Guards the prompt budget: whole shots are dropped from the end; a lone prompt keeps its last tokens."""
+    from middo_ray.evalsuite.runner import fit_shots, prompt_ids
+
+    _, tok = tiny
+    row = {"instruction": "Add 12 and 30."}
+    shots = [[f"Add {i} and {i}.", f"{2 * i}"] for i in range(1, 5)]
+    lens = [len(prompt_ids({**row, "history": json.dumps(shots[:k])} if k else row, tok, "default")) for k in range(5)]
+    assert lens == sorted(lens) and len(set(lens)) == 5
+    fitted, ids, k = fit_shots(row, shots, tok, "default", budget=lens[2])
+    assert k == 2 and len(ids) == lens[2] and json.loads(fitted["history"]) == shots[:2]
+    _, ids, k = fit_shots(row, shots, tok, "default", budget=lens[0] - 3)
+    assert k == 0 and ids == prompt_ids(row, tok, "default")[3:]
+
+
+def test_greedy_generation_does_not_depend_on_left_padding():
+    """Guards batched generation with a real LM: a prompt generated alone and left-padded next to a longer
+    one gives the same text, cut at the template's stop string."""
+    from middo_ray.evalsuite.runner import generate_greedy, prompt_ids, stop_strings
+    from middo_ray.models import load_model
+
+    model, tok = load_model("smollm2", device="cpu")
+    rows = [{"instruction": "What is 12 times 7?"},
+            {"instruction": "Write a Python function that returns the square of a number, in one code block."}]
+    prompts = [prompt_ids(r, tok, "default") for r in rows]
+    assert len(prompts[0]) < len(prompts[1])
+    alone = generate_greedy(model, tok, prompts[:1], 8, stop_strings("default"))
+    batched = generate_greedy(model, tok, prompts, 8, stop_strings("default"))
+    assert batched[0] == alone[0] and alone[0].strip()
+    assert "Human:" not in batched[1]
