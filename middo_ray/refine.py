@@ -4,19 +4,35 @@ The Serve application lives in the top-level ``serve`` package, which this libra
 (``serve`` depends on ``middo_ray``, never the reverse). It is therefore loaded by its import path
 string, exactly as ``serve run serve.app:build_app`` would.
 
+What :func:`refine_jobs` does, in order:
+
+1. plans requests of ``refine.batch_size`` samples per operation, each with a seed derived from the
+   run seed, so a rerun asks exactly the same questions;
+2. answers each request from the LLM-call cache (``cache_dir``, e.g. ``runs/<id>/cache/llm``; keyed
+   by the request content, the engine, model id and revision, and the app's prompt fingerprint) or
+   sends it through the deployment handle, keeping ``refine.max_concurrency`` requests in flight;
+3. re-judges every valid rewrite together with its original on the same app (``/v1/judge`` logic)
+   and applies ``refine.accept``; rejected rewrites keep the original, with the scores and the reason.
+
 Failure policy (DESIGN.md "row errors are data, service death is fatal"): an item the refiner could
-not rewrite comes back with status "failed" and a reason, and the caller keeps the original sample;
-a request that raises (dead replica, lost connection, broken contract) stops the stage with a
-RuntimeError naming the request.
+not rewrite, a rewrite the judge rejected, and every item of a request that did not answer within
+``refine.request_timeout_s`` come back with status "failed" and a reason, and the caller keeps the
+original sample; a request that raises (dead replica, lost connection, broken contract) stops the
+stage with a RuntimeError naming the request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
+import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from middo_ray.config import MiddoConfig, RefineConfig
@@ -28,6 +44,9 @@ APP_IMPORT_PATH = "serve.app:build_app"
 JOB_KEYS = ("sample_id", "operation", "instruction", "input", "output", "hints")
 OPERATIONS = ("simplify", "improve", "synthesize")
 HEALTH_TIMEOUT_S = 600.0
+INFO_TIMEOUT_S = 120.0
+CACHE_FORMAT = 1          # bump when the cached answer layout changes
+JUDGE_CUTOFF_LEN = 1024
 
 
 @dataclass
@@ -36,7 +55,9 @@ class RefineOutcome:
 
     Attributes:
         results: One RefineResult dict per job, in job order (``sample_id`` and ``status`` always set).
-        counts: ``{"jobs", "ok", "failed", "requests", "seconds", "by_operation": {op: {"ok", "failed"}}}``.
+        counts: ``{"jobs", "ok", "failed", "requests", "seconds", "by_operation": {op: {"ok", "failed"}},
+            "cache_hits", "cache_misses", "timeouts", "accept", "judged", "rejected", "judge_requests"}``
+            (cache hits/misses count requests, refine and judge together; ``judged``/``rejected`` count items).
     """
 
     results: list[dict[str, Any]]
@@ -57,13 +78,13 @@ def _load_builder(path: str = APP_IMPORT_PATH):
 def refiner_args(cfg: MiddoConfig) -> dict[str, Any]:
     """Arguments of ``serve.app:build_app`` derived from the run config."""
     r = cfg.refine
-    return {
-        "model": r.model or cfg.model.base,
-        "dtype": cfg.model.dtype,
-        "num_replicas": r.num_replicas,
-        "num_cpus": r.cpus_per_replica,
-        "num_gpus": r.gpus_per_replica,
-    }
+    same = ("engine", "openai_base_url", "openai_api_key_env", "openai_prefill", "openai_max_parallel",
+            "num_replicas", "autoscale", "min_replicas", "max_replicas", "target_ongoing_requests",
+            "max_ongoing_requests", "max_queued_requests", "retry_after_s", "batch_max_rows", "batch_wait_s",
+            "max_samples_per_request", "max_new_tokens_limit", "max_body_bytes", "api_key_env", "http_host",
+            "log_text")
+    return {"model": r.model or cfg.model.base, "dtype": cfg.model.dtype, "num_cpus": r.cpus_per_replica,
+            "num_gpus": r.gpus_per_replica, **{k: getattr(r, k) for k in same}}
 
 
 def refiner_url(cfg: MiddoConfig) -> str:
@@ -97,7 +118,9 @@ def start_refiner(cfg: MiddoConfig, health_timeout_s: float = HEALTH_TIMEOUT_S):
 
     Ray must already be initialised (the driver's job). Serve's HTTP proxy is started on
     ``refine.http_host:refine.http_port``; if Serve already runs in this cluster with other HTTP
-    options, Serve keeps its existing ones (and logs a warning).
+    options, Serve keeps its existing ones (and logs a warning). A non-loopback ``http_host`` needs
+    the API key in the environment variable named by ``refine.api_key_env`` (checked before Serve
+    starts).
 
     Args:
         cfg: The run config (``refine`` section plus ``model.base``/``model.dtype``).
@@ -108,6 +131,7 @@ def start_refiner(cfg: MiddoConfig, health_timeout_s: float = HEALTH_TIMEOUT_S):
 
     Raises:
         RuntimeError: The app cannot be imported or does not become healthy in time.
+        ValueError: The app's arguments are invalid (e.g. a public host without an API key).
     """
     from ray import serve as ray_serve
 
@@ -179,55 +203,246 @@ def plan_requests(jobs: list[dict], cfg: RefineConfig, seed: int) -> list[tuple[
     return plan
 
 
-def _collect(response, positions: list[int], request: dict, jobs: list[dict], results: list) -> None:
-    """Waits for one request's answer and places its results; any failure here is fatal."""
-    what = f"refine request ({request['operation']}, {len(positions)} samples, first id {request['samples'][0]['sample_id']})"
-    try:
-        answer = response.result()
-    except Exception as exc:
-        raise RuntimeError(f"{what} failed in the refiner service: {type(exc).__name__}: {exc}. "
-                           f"The service is down or broken; the stage stops (no sample was changed).") from exc
-    got = answer.get("results") if isinstance(answer, dict) else None
-    if not isinstance(got, list) or len(got) != len(positions):
-        raise RuntimeError(f"{what}: the refiner answered {len(got) if isinstance(got, list) else got!r} "
-                           f"results for {len(positions)} samples; the service breaks its contract")
-    for pos, res in zip(positions, got):
-        if res.get("sample_id") != jobs[pos]["sample_id"]:
-            raise RuntimeError(f"{what}: result for '{res.get('sample_id')}' arrived where "
-                               f"'{jobs[pos]['sample_id']}' was expected; the service breaks its contract")
-        results[pos] = RefineResult.model_validate(res).model_dump()
+class LLMCallCache:
+    """Content-addressed store of LLM-call answers: one JSON file per key, written atomically.
+
+    Layout: ``<root>/<key[:2]>/<key>.json``. A file that cannot be read (a crash mid-write leaves
+    only a temporary file, never a partial one) counts as a miss.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._path(key).read_text())["answer"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, answer: dict, about: dict | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"about": about or {}, "answer": answer}, ensure_ascii=False))
+        os.replace(tmp, path)
 
 
-def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int) -> RefineOutcome:
-    """Refines jobs through the deployment handle, keeping cfg.max_concurrency requests in flight.
+def call_key(method: str, request: dict, ident: dict) -> str:
+    """Cache key of one call: the request content (texts, sampling, seed), engine, model id and revision,
+    and the app's prompt fingerprint."""
+    payload = {"format": CACHE_FORMAT, "method": method, "request": request,
+               "engine": ident.get("engine"), "model": ident.get("model"), "revision": ident.get("revision"),
+               "logic": ident.get("logic_version"), "prefill": ident.get("prefill")}
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class _Call:
+    """One request to the app and what became of it."""
+
+    method: str                  # handle method: "refine" or "judge"
+    request: dict
+    what: str                    # for error messages: no sample text, just shape and first id
+    key: str | None = None
+    answer: dict | None = None
+    error: str | None = None     # set when the call timed out (a row failure, not fatal)
+
+
+def _run_calls(handle, calls: list[_Call], cfg: RefineConfig, cache: LLMCallCache | None, ident: dict,
+               stats: dict[str, int]) -> None:
+    """Answers every call from the cache or the handle, with cfg.max_concurrency in flight.
+
+    A sliding window: when full, wait for the oldest (one replica serves requests in arrival order,
+    so it is also the first to finish). Each call's timeout runs from the moment it was sent.
+
+    Raises:
+        RuntimeError: A call raised in the service (dead replica, lost connection): fatal.
+    """
+    window: deque = deque()
+
+    def finish(call: _Call, response, sent: float) -> None:
+        remaining = cfg.request_timeout_s - (time.monotonic() - sent)
+        try:
+            answer = response.result(timeout_s=max(0.001, remaining))
+        except TimeoutError:
+            response.cancel()
+            stats["timeouts"] += 1
+            call.error = (f"the refiner did not answer within {cfg.request_timeout_s:g}s "
+                          f"(refine.request_timeout_s)")
+            logger.warning("%s timed out after %.0fs; its items keep their originals", call.what, cfg.request_timeout_s)
+            return
+        except Exception as exc:
+            raise RuntimeError(f"{call.what} failed in the refiner service: {type(exc).__name__}: {exc}. "
+                               f"The service is down or broken; the stage stops (no sample was changed).") from exc
+        call.answer = answer
+        if cache is not None and call.key:
+            cache.put(call.key, answer, {"method": call.method, "model": ident.get("model"),
+                                         "revision": ident.get("revision")})
+
+    for call in calls:
+        if cache is not None:
+            call.key = call_key(call.method, call.request, ident)
+            hit = cache.get(call.key)
+            if hit is not None:
+                call.answer = hit
+                stats["cache_hits"] += 1
+                continue
+            stats["cache_misses"] += 1
+        if len(window) >= cfg.max_concurrency:
+            finish(*window.popleft())
+        window.append((call, getattr(handle, call.method).remote(call.request), time.monotonic()))
+    while window:
+        finish(*window.popleft())
+
+
+def _checked_results(call: _Call, ids: list[str | None]) -> list[dict]:
+    """The answer's results, checked against the ids that were sent (a mismatch is fatal)."""
+    got = call.answer.get("results") if isinstance(call.answer, dict) else None
+    if not isinstance(got, list) or len(got) != len(ids):
+        raise RuntimeError(f"{call.what}: the refiner answered {len(got) if isinstance(got, list) else got!r} "
+                           f"results for {len(ids)} samples; the service breaks its contract")
+    for want, res in zip(ids, got):
+        if res.get("sample_id") != want:
+            raise RuntimeError(f"{call.what}: result for '{res.get('sample_id')}' arrived where '{want}' was "
+                               f"expected; the service breaks its contract")
+    return got
+
+
+def _judge_mode(cfg: RefineConfig, ident: dict) -> str:
+    modes = ident.get("judge_modes") or ["generate"]
+    if cfg.judge_mode == "auto":
+        return "prob" if "prob" in modes else "generate"
+    if cfg.judge_mode not in modes:
+        raise ValueError(f"refine.judge_mode='{cfg.judge_mode}' but the refiner's engine '{ident.get('engine')}' "
+                         f"supports only {modes}; set refine.judge_mode='auto'")
+    return cfg.judge_mode
+
+
+def accept_rewrite(cfg: RefineConfig, before: float | None, after: float | None) -> str | None:
+    """Why a judged rewrite is rejected under ``cfg.accept``, or None when it is kept.
+
+    A rewrite the judge could not score is rejected (the original is the safe choice); an original
+    without a score cannot be compared, so under 'not_worse' its rewrite is kept.
+    """
+    if cfg.accept == "none":
+        return None
+    if after is None:
+        return "the re-judge gave the rewrite no score"
+    if cfg.accept == "min_score":
+        if after < cfg.accept_min_score:
+            return f"judged quality {after:.2f} < refine.accept_min_score {cfg.accept_min_score:g}"
+        return None
+    if before is not None and after < before - cfg.accept_tolerance:
+        tol = f" - tolerance {cfg.accept_tolerance:g}" if cfg.accept_tolerance else ""
+        return f"judged quality {after:.2f} < original's {before:.2f}{tol} (refine.accept=not_worse)"
+    return None
+
+
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, seed: int, ident: dict,
+             cache: LLMCallCache | None, stats: dict[str, int]) -> None:
+    """Judges every ok rewrite with its original and turns rejected ones into failures (in place)."""
+    mode = _judge_mode(cfg, ident)
+    positions = [i for i, r in enumerate(results) if r["status"] == "ok"]
+    calls: list[tuple[list[int], _Call]] = []
+    for chunk, start in enumerate(range(0, len(positions), cfg.batch_size)):
+        part = positions[start:start + cfg.batch_size]
+        samples = []
+        for i in part:
+            job, res = jobs[i], results[i]
+            samples.append({"sample_id": f"{job['sample_id']}:before", "instruction": job["instruction"],
+                            "input": job.get("input") or "", "output": job.get("output") or ""})
+            samples.append({"sample_id": f"{job['sample_id']}:after", "instruction": res["instruction"],
+                            "input": res.get("input") or "", "output": res["output"]})
+        request = {"samples": samples, "mode": mode, "template": "auto", "cutoff_len": JUDGE_CUTOFF_LEN,
+                   "sampling": {"max_new_tokens": 8, "temperature": 0.1, "top_p": 1.0,
+                                "seed": (int(seed) * 7_919 + chunk * 104_729 + 17) % (2**31 - 1)}}
+        what = f"re-judge request ({len(part)} rewrites, first id {jobs[part[0]]['sample_id']})"
+        calls.append((part, _Call("judge", request, what)))
+    stats["judge_requests"] = len(calls)
+    _run_calls(handle, [c for _, c in calls], cfg, cache, ident, stats)
+    for part, call in calls:
+        if call.error:
+            for i in part:
+                results[i] = _failed(results[i], f"re-judge failed: {call.error}; original kept")
+            continue
+        got = _checked_results(call, [s["sample_id"] for s in call.request["samples"]])
+        for k, i in enumerate(part):
+            before, after = _finite(got[2 * k].get("quality")), _finite(got[2 * k + 1].get("quality"))
+            stats["judged"] += 1
+            why = accept_rewrite(cfg, before, after)
+            if why is not None:
+                stats["rejected"] += 1
+                results[i] = _failed(results[i], f"rejected by re-judge: {why}; original kept")
+            results[i]["quality_before"], results[i]["quality_after"] = before, after
+
+
+def _failed(result: dict, reason: str) -> dict:
+    """A failed copy of a result (no texts, as the wire contract says), keeping id and attempts."""
+    return RefineResult(sample_id=result.get("sample_id"), status="failed", reason=reason,
+                        attempts=int(result.get("attempts") or 0),
+                        quality_before=result.get("quality_before"),
+                        quality_after=result.get("quality_after")).model_dump()
+
+
+def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
+                cache_dir: str | Path | None = None) -> RefineOutcome:
+    """Refines jobs through the deployment handle: cached, bounded, timed out, re-judged.
 
     Args:
         jobs: Dicts with ``sample_id``, ``operation`` (simplify|improve|synthesize), ``instruction``,
             ``input``, ``output`` and ``hints`` (synthesize: the 2 neighbour prompts).
         handle: DeploymentHandle returned by :func:`start_refiner`.
-        cfg: The ``refine`` config section (batch_size, max_concurrency, sampling, retries).
+        cfg: The ``refine`` config section (batch_size, max_concurrency, sampling, retries, timeout,
+            acceptance rule, cache switch).
         seed: Run seed; each request's seed is derived from it, so reruns ask the same questions.
+        cache_dir: Directory of the LLM-call cache (e.g. ``runs/<id>/cache/llm``); None or
+            ``cfg.cache = false`` disables caching.
 
     Returns:
         A RefineOutcome with one result per job, in job order, and the counts.
 
     Raises:
-        ValueError: A job is malformed.
+        ValueError: A job is malformed, or cfg.judge_mode is not supported by the app's engine.
         RuntimeError: A request failed in the service (dead replica): service death is fatal.
     """
     t0 = time.monotonic()
     _check_jobs(jobs)
     plan = plan_requests(jobs, cfg, seed)
+    stats = {"cache_hits": 0, "cache_misses": 0, "timeouts": 0, "judged": 0, "rejected": 0, "judge_requests": 0}
+    cache = LLMCallCache(cache_dir) if (cache_dir is not None and cfg.cache) else None
     results: list[dict | None] = [None] * len(jobs)
-    in_flight: deque = deque()
-    for positions, request in plan:
-        # A sliding window: all of it is in flight at once; when full, wait for the oldest. One
-        # replica serves requests in arrival order, so the oldest is also the first to finish.
-        if len(in_flight) >= cfg.max_concurrency:
-            _collect(*in_flight.popleft(), jobs, results)
-        in_flight.append((handle.refine.remote(request), positions, request))
-    while in_flight:
-        _collect(*in_flight.popleft(), jobs, results)
+    if plan:
+        try:
+            # A cheap call: the request timeout (possibly tiny) does not apply to it.
+            ident = handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
+        except Exception as exc:
+            raise RuntimeError(f"the refiner service does not answer info(): {type(exc).__name__}: {exc}; "
+                               f"the stage stops (no sample was changed)") from exc
+        calls = []
+        for positions, request in plan:
+            what = (f"refine request ({request['operation']}, {len(positions)} samples, "
+                    f"first id {request['samples'][0]['sample_id']})")
+            calls.append(_Call("refine", request, what))
+        _run_calls(handle, calls, cfg, cache, ident, stats)
+        for (positions, request), call in zip(plan, calls):
+            if call.error:
+                for pos in positions:
+                    results[pos] = RefineResult(sample_id=jobs[pos]["sample_id"], status="failed",
+                                                reason=f"{call.error}; original kept").model_dump()
+                continue
+            got = _checked_results(call, [s["sample_id"] for s in request["samples"]])
+            for pos, res in zip(positions, got):
+                results[pos] = RefineResult.model_validate(res).model_dump()
+        if cfg.accept != "none":
+            _rejudge(jobs, results, handle, cfg, seed, ident, cache, stats)  # type: ignore[arg-type]
 
     by_op: dict[str, dict[str, int]] = {}
     for job, res in zip(jobs, results):
@@ -240,6 +455,8 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int) -> Refin
         "requests": len(plan),
         "seconds": round(time.monotonic() - t0, 3),
         "by_operation": by_op,
+        "accept": cfg.accept,
+        **stats,
     }
     logger.info("refine: %s", counts)
     return RefineOutcome(results=results, counts=counts)  # type: ignore[arg-type]

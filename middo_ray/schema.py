@@ -81,38 +81,55 @@ def require_columns(stage: str, columns, required) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Wire models of the refiner service (serve/). Kept here so the loop and the service agree.
+#
+# Hard caps below are the wire contract (a body beyond them is a 422); each server also has its own,
+# usually lower, configured limits (samples per request, generated tokens, body bytes), which it
+# answers with 413 and a message naming the limit.
 
 Operation = Literal["simplify", "improve", "synthesize"]
 
+MAX_TEXT_CHARS = 200_000        # one instruction/input/output/hint
+MAX_WIRE_SAMPLES = 4096         # samples in one refine or judge request
+MAX_WIRE_TOKENS = 32_768        # generated tokens per item
+INT64_MAX = 2**63 - 1
+
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Infinity are accepted by Python's JSON parser; they are never meaningful here. (Lone UTF-16
+    # surrogates, which no tokenizer accepts, are already refused by pydantic's str validation.)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RefineSample(_Wire):
-    sample_id: str | None = Field(None, description="Caller's id, echoed back.")
-    instruction: str = Field(..., description="Prompt (instruction) of the sample.")
-    input: str = Field("", description="Optional extra input of the prompt.")
-    output: str = Field("", description="Current response (not needed for synthesize).")
-    hints: list[str] = Field(default_factory=list, description="synthesize only: neighbour prompts used as hints (2).")
+    sample_id: str | None = Field(None, max_length=512, description="Caller's id, echoed back.")
+    instruction: str = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
+    input: str = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
+    output: str = Field("", max_length=MAX_TEXT_CHARS, description="Current response (not needed for synthesize).")
+    hints: list[str] = Field(default_factory=list, max_length=8,
+                             description="synthesize only: neighbour prompts used as hints (2).")
 
 
 class SamplingParams(_Wire):
-    max_new_tokens: int = Field(160, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, description="Seed for sampling; same seed and input give the same output.")
+    max_new_tokens: int = Field(160, ge=1, le=MAX_WIRE_TOKENS,
+                                description="Token cap per generated text (the server may allow fewer: 413).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, ge=-INT64_MAX, le=INT64_MAX,
+                             description="Seed for sampling; same seed and input give the same output, whatever "
+                                         "else is batched with the request. None: a fresh random seed.")
 
 
 class RefineRequest(_Wire):
     operation: Operation = Field(..., description="simplify (hard) | improve (low quality) | synthesize (sparse).")
-    samples: list[RefineSample] = Field(..., min_length=1, max_length=256)
+    samples: list[RefineSample] = Field(..., min_length=1, max_length=MAX_WIRE_SAMPLES,
+                                        description="Samples to refine (the server may allow fewer: 413).")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_retries: int = Field(1, ge=0, le=5)
     prefill_marker: bool = Field(
         True, description="Start the teacher's rewrite with the operation's marker (assistant prefill). Small "
                           "teachers rarely write the marker themselves; false lets the teacher work through the "
-                          "four steps first, as the reference does with gpt-4o-mini.")
+                          "four steps first, as the reference does with gpt-4o-mini. Engines that cannot "
+                          "prefill ignore it.")
 
 
 class RefineResult(_Wire):
@@ -123,9 +140,63 @@ class RefineResult(_Wire):
     input: str = ""
     output: str = Field("", description="Fresh answer to the new prompt (empty on failure).")
     attempts: int = 0
+    quality_before: float | None = Field(
+        None, description="Set by the loop's re-judge: judged quality (0-10) of the original sample.")
+    quality_after: float | None = Field(
+        None, description="Set by the loop's re-judge: judged quality (0-10) of the rewrite.")
 
 
 class RefineResponse(_Wire):
     operation: Operation
     model: str
     results: list[RefineResult]
+
+
+JudgeMode = Literal["prob", "generate"]
+
+
+def _judge_sampling() -> "SamplingParams":
+    return SamplingParams(max_new_tokens=8, temperature=0.1, top_p=1.0)
+
+
+class JudgeSample(_Wire):
+    sample_id: str | None = Field(None, max_length=512, description="Caller's id, echoed back.")
+    instruction: str = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
+    input: str = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
+    output: str = Field("", max_length=MAX_TEXT_CHARS, description="Response to judge.")
+
+
+class JudgeRequest(_Wire):
+    samples: list[JudgeSample] = Field(..., min_length=1, max_length=MAX_WIRE_SAMPLES,
+                                       description="Samples to judge (the server may allow fewer: 413).")
+    mode: JudgeMode = Field(
+        "prob", description="'prob': expected 0-10 score under the model's next-token distribution over the score "
+                            "tokens (needs an engine with logits); 'generate': generate at low temperature and "
+                            "parse a leading 0-10 number, unparseable answers are null (never 0).")
+    template: Literal["auto", "default", "chat"] = Field(
+        "auto", description="Prompt template of 'prob' mode: 'default' (the training template), 'chat' (the "
+                            "tokenizer's chat template) or 'auto' (chat when the tokenizer has one).")
+    cutoff_len: int = Field(1024, ge=16, le=MAX_WIRE_TOKENS, description="Token cap of one judge prompt ('prob').")
+    sampling: SamplingParams = Field(default_factory=_judge_sampling,
+                                     description="Sampling of 'generate' mode (paper: temperature 0.1).")
+
+
+class DimensionScores(_Wire):
+    factuality: float | None = None
+    clarity: float | None = None
+    completeness: float | None = None
+
+
+class JudgeResult(_Wire):
+    sample_id: str | None = None
+    prompt: DimensionScores = Field(..., description="Scores (0-10) of the prompt; null = no score.")
+    response: DimensionScores = Field(..., description="Scores (0-10) of the response; null = no score.")
+    quality: float | None = Field(None, description="Mean over dimensions of (prompt + response) / 2, missing "
+                                                    "judgements left out; null when none was given.")
+    missing: int = Field(0, description="Judgements (of 6) that gave no score.")
+
+
+class JudgeResponse(_Wire):
+    mode: JudgeMode
+    model: str
+    results: list[JudgeResult]

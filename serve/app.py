@@ -1,239 +1,67 @@
-"""The refiner as a Ray Serve application: HTTP (FastAPI) and deployment-handle access to one logic.
+"""The refiner/judge LLM as a Ray Serve application: HTTP (FastAPI) and deployment handles.
 
-Routes (relative to the app's route prefix):
+Routes (relative to the app's route prefix; the OpenAPI schema is at ``/openapi.json``):
 
-- ``POST /v1/refine``: body :class:`middo_ray.schema.RefineRequest`, answer
-  :class:`middo_ray.schema.RefineResponse`. A malformed body is answered with 422.
-- ``GET /healthz``: ``{"status": "ok", "model": <model spec>}``.
+- ``POST /v1/refine``: :class:`middo_ray.schema.RefineRequest` -> ``RefineResponse``: simplify,
+  improve or synthesize a batch of samples; each item ``ok`` or ``failed`` with a reason.
+- ``POST /v1/judge``: ``JudgeRequest`` -> ``JudgeResponse``: 0-10 scores of factuality, clarity and
+  completeness for the prompt and the response; mode ``prob`` (token probabilities, transformers
+  engine) or ``generate`` (parsed text; unparseable = null).
+- ``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI-compatible, so the official ``openai``
+  client (and another copy of this app's external engine) can use the served model.
+- ``GET /healthz``: liveness and the served model (no key needed).
 
-The loop calls the same logic through a handle: ``handle.refine.remote(request_dict)``.
+The loop calls the same logic through the handle: ``handle.refine.remote(dict)``,
+``handle.judge.remote(dict)``, ``handle.info.remote()``.
 
-Each sample goes through two generation steps, batched over all samples of the request that are
-still pending (one ``generate`` call per step and attempt, never one sample at a time):
+Serving behaviour:
 
-1. rewrite: the operation's teacher prompt; the answer must contain the operation's marker
-   (strict: text without the marker is rejected, even when it looks like a prompt), and the text
-   after it must pass ``validate_rewrite``; synthesized prompts must also not copy a hint;
-2. answer: a fresh answer to the new prompt, checked by ``validate_answer``.
+- Dynamic batching: every generation (refine steps, generate-mode judging, chat completions) goes
+  through one ``@serve.batch`` method, which merges the rows of concurrent requests into engine
+  batches of up to ``batch_max_rows`` rows. Each row keeps its own seed, so results do not depend on
+  what it was batched with.
+- Auth: with an API key configured (environment variable named by ``api_key_env``), every route but
+  ``/healthz``, ``/docs`` and ``/openapi.json`` needs ``Authorization: Bearer <key>`` (401 otherwise).
+  A server bound beyond loopback refuses to start without a key.
+- Limits: body over ``max_body_bytes``, more than ``max_samples_per_request`` samples, or more than
+  ``max_new_tokens_limit`` tokens per item: 413 with a message naming the limit. Schema errors: 422
+  naming each bad field. Beyond ``max_ongoing_requests`` per replica plus ``max_queued_requests`` per
+  caller, Serve answers 503 with ``Retry-After`` instead of queueing without bound.
+- Logs carry counts and ids, never sample text (unless ``log_text``).
+- Metrics: see :mod:`serve.metrics`.
 
-A failed step is retried up to ``max_retries`` times with a different seed (when sampling; greedy
-decoding would only repeat itself). An item that still fails is returned with status "failed" and a
-reason: row failures are data, the caller keeps its original sample. A synthesize item with fewer
-than two hints fails the same way (per item, not 422), so one bad row never rejects its batch.
-
-Run it alone with ``serve run serve.app:build_app model=tiny`` (args: model, dtype, num_replicas,
-num_cpus, num_gpus, max_ongoing_requests).
+Run it alone with ``serve run serve.app:build_app model=tiny`` (every field of :class:`RefinerArgs`
+can be given as key=value).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Serve pickles the deployment class by value, and FastAPI
+# must resolve the route annotations from real objects, not from strings looked up in a partial copy
+# of this module's globals.
 
+import asyncio
 import logging
-import random
-import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+import time
+from typing import Any, Literal
 
-from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from middo_ray.models import threads_for_actor
-from middo_ray.prompts import answer_prompt, parse_marked, rewrite_prompt, validate_answer, validate_rewrite
-from middo_ray.schema import RefineRequest, RefineResponse, RefineResult, RefineSample
-from serve.engine import TransformersEngine
+from middo_ray.schema import JudgeRequest, JudgeResponse, RefineRequest, RefineResponse
+from serve import logic
+from serve.engine import GenOut, GenRow, describe, make_engine, row_seed
+from serve.logic import run_refine, sample_prompt  # noqa: F401  (re-exported: the app's public helpers)
+from serve.metrics import MetricsMiddleware, ServeMetrics, set_current
+from serve.openai_api import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ModelCard, ModelList, Usage
+from serve.security import (DEFAULT_KEY_ENV, DEFAULT_MAX_BODY_BYTES, AuthMiddleware, BodyLimitMiddleware, error_body,
+                            is_loopback, key_digest, require_key_off_loopback, set_api_key, set_body_limit)
 
 logger = logging.getLogger(__name__)
-
-# Seeds of successive steps/attempts are spaced by a large odd number so that no two
-# (request seed, step, attempt) triples of nearby requests share a seed.
-_SEED_STRIDE = 1_000_003
-_SEED_MOD = 2**31 - 1
-
-
-class Generator(Protocol):
-    """What the refine logic needs from an engine (TransformersEngine, or a fake in tests)."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, prefills: list[str] | None = None) -> list[str]: ...
-
-
-@dataclass
-class _Item:
-    """Working state of one sample while a request is processed."""
-
-    sample: RefineSample
-    prompt: str
-    teacher_prompt: str = ""
-    marker: str = ""
-    new_prompt: str = ""
-    answer: str = ""
-    reason: str = ""
-    failed: bool = False
-    attempts: int = 0
-
-
-def sample_prompt(sample: RefineSample) -> str:
-    """The sample's prompt as the reference rewrites it: instruction, then input on a new line."""
-    return f"{sample.instruction}\n{sample.input}" if sample.input else sample.instruction
-
-
-def _step_seed(base: int, step: int, attempt: int) -> int:
-    return (base + _SEED_STRIDE * (step * 16 + attempt + 1)) % _SEED_MOD
-
-
-def _check_rewrite(item: _Item, text: str, operation: str) -> str | None:
-    """Parses one rewrite output into the item; returns why it is unusable, or None."""
-    candidate = parse_marked(text, item.marker)
-    why = validate_rewrite(candidate, item.prompt)
-    if why is None and operation == "synthesize":
-        # A new prompt that copies a neighbour adds no new region of the data: reject it too.
-        copied = {" ".join(h.lower().split()) for h in item.sample.hints}
-        if " ".join(candidate.lower().split()) in copied:  # type: ignore[union-attr]
-            why = "output copies a hint prompt"
-    if why is None:
-        item.new_prompt = candidate  # type: ignore[assignment]
-    return why
-
-
-def _check_answer(item: _Item, text: str, operation: str) -> str | None:
-    """Stores one answer in the item; returns why it is unusable, or None."""
-    why = validate_answer(text, item.new_prompt)
-    if why is None:
-        item.answer = text.strip()
-    return why
-
-
-def _run_step(engine: Generator, items: list[_Item], request: RefineRequest, step: int, name: str,
-              build: Callable[[_Item], str], check: Callable[[_Item, str, str], str | None], seed: int,
-              prefill: Callable[[_Item], str] | None = None) -> None:
-    """Runs one generation step for every live item, batched, with retries on validation failure.
-
-    Args:
-        engine: The generator.
-        items: All items; those already failed are skipped.
-        request: The request (operation, sampling, max_retries).
-        step: Step number, only used to derive distinct seeds.
-        name: 'rewrite' or 'answer', used in failure reasons.
-        build: item -> teacher prompt text of this step.
-        check: (item, output, operation) -> reason or None; stores the accepted value in the item.
-        seed: The request's base seed.
-        prefill: item -> text the answer starts with (given to the model, and put back in front of
-            its output before checking).
-    """
-    sp = request.sampling
-    # Greedy decoding gives the same text again, so retrying it only burns time.
-    tries = 1 + (request.max_retries if sp.temperature > 0 else 0)
-    pending = [it for it in items if not it.failed]
-    last: dict[int, str] = {}
-    for attempt in range(tries):
-        if not pending:
-            break
-        heads = [prefill(it) for it in pending] if prefill else None
-        outputs = engine.generate([build(it) for it in pending], max_new_tokens=sp.max_new_tokens,
-                                  temperature=sp.temperature, top_p=sp.top_p, seed=_step_seed(seed, step, attempt),
-                                  **({"prefills": heads} if heads else {}))
-        if heads:
-            outputs = [h + o for h, o in zip(heads, outputs)]
-        still: list[_Item] = []
-        for it, text in zip(pending, outputs):
-            it.attempts += 1
-            why = check(it, text, request.operation)
-            if why is not None:
-                last[id(it)] = why
-                still.append(it)
-        pending = still
-    for it in pending:
-        it.failed = True
-        it.reason = f"{name} failed after {tries} attempt{'s' if tries > 1 else ''}: {last[id(it)]}"
-
-
-def run_refine(engine: Generator, request: RefineRequest) -> RefineResponse:
-    """Refines every sample of a request (rewrite, then answer), batched per step.
-
-    Args:
-        engine: Anything with ``model_id`` and ``generate`` (see :class:`Generator`).
-        request: The validated request.
-
-    Returns:
-        One result per sample, in request order; failed items carry a reason and no text.
-    """
-    seed = request.sampling.seed
-    if seed is None:
-        # No seed asked for: sample freshly, as an unseeded OpenAI-style call would.
-        seed = random.SystemRandom().randrange(_SEED_MOD)
-    items = [_Item(sample=s, prompt=sample_prompt(s)) for s in request.samples]
-    for it in items:
-        try:
-            it.teacher_prompt, it.marker = rewrite_prompt(request.operation, it.prompt, it.sample.hints)
-        except ValueError as exc:
-            it.failed, it.reason = True, f"bad item: {exc}"
-    _run_step(engine, items, request, 0, "rewrite", lambda it: it.teacher_prompt, _check_rewrite, seed,
-              prefill=(lambda it: it.marker + "\n") if request.prefill_marker else None)
-    _run_step(engine, items, request, 1, "answer", lambda it: answer_prompt(request.operation, it.new_prompt),
-              _check_answer, seed)
-    results = []
-    for it in items:
-        if it.failed:
-            results.append(RefineResult(sample_id=it.sample.sample_id, status="failed", reason=it.reason,
-                                        attempts=it.attempts))
-        else:
-            # New samples have no separate input: the rewrite is one self-contained prompt (as in the reference).
-            results.append(RefineResult(sample_id=it.sample.sample_id, status="ok", instruction=it.new_prompt,
-                                        input="", output=it.answer, attempts=it.attempts))
-    return RefineResponse(operation=request.operation, model=engine.model_id, results=results)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Serve deployment.
-
-api = FastAPI(title="middo-ray refiner", description="Rewrites, simplifies and synthesizes SFT samples.")
-
-
-@serve.deployment(name="Refiner", max_ongoing_requests=4)
-@serve.ingress(api)
-class Refiner:
-    """One replica: the engine, loaded once, behind HTTP routes and a handle method.
-
-    Args:
-        model: Model spec of the teacher ('smollm2', 'tiny', or an HF path).
-        dtype: Compute dtype name for the engine.
-        num_cpus: CPUs the replica reserved; torch uses that many threads.
-    """
-
-    def __init__(self, model: str, dtype: str = "auto", num_cpus: float = 1.0) -> None:
-        threads_for_actor(num_cpus)
-        self._engine = TransformersEngine(model, dtype=dtype)
-        # Generation saturates the replica's CPUs; running two requests at once only makes both
-        # slower and doubles peak memory, so requests queue here and run one at a time.
-        self._lock = threading.Lock()
-        logger.info("refiner replica ready: model=%s", self._engine.model_id)
-
-    def _refine(self, request: RefineRequest) -> RefineResponse:
-        with self._lock:
-            return run_refine(self._engine, request)
-
-    # Sync routes: FastAPI runs them in its thread pool, so /healthz answers while a refine runs.
-    @api.post("/v1/refine", response_model=RefineResponse)
-    def refine_http(self, body: RefineRequest) -> RefineResponse:
-        """HTTP route: one refine request."""
-        return self._refine(body)
-
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, str]:
-        """HTTP route: liveness and the served model."""
-        return {"status": "ok", "model": self._engine.model_id}
-
-    def refine(self, request: dict) -> dict:
-        """Handle method for the loop: a RefineRequest as a dict in, a RefineResponse as a dict out.
-
-        Raises:
-            pydantic.ValidationError: The request does not match RefineRequest (a caller bug).
-        """
-        return self._refine(RefineRequest.model_validate(request)).model_dump()
 
 
 class RefinerArgs(BaseModel):
@@ -241,19 +69,330 @@ class RefinerArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2", description="Teacher model: 'smollm2', 'tiny', or an HF path/id.")
-    dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16' or 'float16'.")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the deployment.")
-    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per replica (also its torch threads).")
+    model: str = Field("smollm2", description="Model: 'smollm2', 'tiny', an HF path/id, or the endpoint's model name.")
+    dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16' or 'float16' (transformers engine).")
+    engine: Literal["transformers", "openai"] = Field("transformers", description="'transformers' or 'openai'.")
+    openai_base_url: str | None = Field(None, description="engine 'openai': the endpoint's base URL.")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the env var with its key.")
+    openai_prefill: bool = Field(False, description="engine 'openai': the endpoint supports continue_final_message.")
+    openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight per replica.")
+    openai_timeout_s: float = Field(300.0, gt=0, description="engine 'openai': timeout of one request.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the deployment (when not autoscaling).")
+    autoscale: bool = Field(False, description="Autoscale between min_replicas and max_replicas.")
+    min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas.")
+    max_replicas: int = Field(4, ge=1, description="autoscale: most replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscale: ongoing requests per replica aimed at.")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica (torch uses every core of the "
+                                                    "node unless MIDDO_TORCH_THREADS says otherwise).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
-    max_ongoing_requests: int = Field(4, ge=1, le=64, description="Requests a replica accepts at once (they queue).")
+    max_ongoing_requests: int = Field(16, ge=1, le=1024, description="Requests a replica works on at once (batched).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more get 503.")
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After seconds sent with a 503.")
+    batch_max_rows: int = Field(16, ge=1, le=1024, description="Most rows in one dynamic batch.")
+    batch_wait_s: float = Field(0.01, ge=0, le=10, description="How long a dynamic batch waits to fill up.")
+    max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples per refine/judge request (413).")
+    max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens to generate per item (413).")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP: largest request body in bytes (413).")
+    api_key_env: str = Field(DEFAULT_KEY_ENV, description="NAME of the env var with the app's API key.")
+    http_host: str = Field("127.0.0.1", description="Host Serve's HTTP proxy binds (checked: a key is required "
+                                                    "beyond loopback).")
+    log_text: bool = Field(False, description="Log sample text at debug level.")
 
 
 DEFAULT_ARGS: dict[str, Any] = RefinerArgs().model_dump()
 
+api = FastAPI(title="middo-ray refiner", version="1.0",
+              description="Refines (simplify, improve, synthesize) and judges SFT samples; OpenAI-compatible chat.")
+# Serve pickles the deployment class by value when it is decorated: everything it uses from this
+# module must be defined above it, and per-process state lives in serve.security / serve.metrics.
+# Order of the checks on the way in: metrics (counts every answer), auth (401), body size (413).
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(AuthMiddleware)
+api.add_middleware(MetricsMiddleware)
+# The key is enforced by AuthMiddleware; this dependency only documents the scheme in the OpenAPI schema.
+_bearer = HTTPBearer(auto_error=False, description="The app's API key (when one is configured).")
+_KEYED = [Depends(_bearer)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or wrong API key."},
+    413: {"description": "Body, sample count or token request over this server's limits."},
+    422: {"description": "The body does not match the schema (each bad field is named)."},
+    503: {"description": "Overloaded: retry after the Retry-After seconds."},
+}
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming every bad field (without echoing the submitted text)."""
+    errors = exc.errors()
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:8]]
+    more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""
+    message = f"invalid request: {'; '.join(parts)}{more}. The request schema is at /openapi.json"
+    detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in errors]
+    return JSONResponse(status_code=422, content={**error_body(422, message), "detail": detail})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(status_code=exc.status_code, content=error_body(exc.status_code, str(exc.detail)),
+                        headers=getattr(exc, "headers", None))
+
+
+class ClientError(Exception):
+    """A request the server will not serve, with the HTTP status to answer (handle callers get ValueError)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxy really binds, when it can be read (defence in depth; private API)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return str(_get_global_client().http_config.host)
+    except Exception:  # noqa: BLE001 - best effort: build_app already checked the configured host
+        return None
+
+
+def _rows_in(chunks: list[list[GenRow]]) -> int:
+    return sum(len(c) for c in chunks)
+
+
+@serve.deployment(name="Refiner", max_ongoing_requests=16)
+@serve.ingress(api)
+class Refiner:
+    """One replica: the engine, loaded once, behind HTTP routes and handle methods.
+
+    Args:
+        args: Validated :class:`RefinerArgs` as a dict.
+        api_key_digest: SHA-256 of the app's API key, or None for no auth (loopback only).
+        engine_key: The external endpoint's key (engine 'openai').
+    """
+
+    def __init__(self, args: dict, api_key_digest: str | None = None, engine_key: SecretStr | None = None) -> None:
+        from middo_ray.models import threads_for_actor
+
+        a = RefinerArgs.model_validate(args)
+        self._args = a
+        require_key_off_loopback(_proxy_host() or a.http_host, api_key_digest, a.api_key_env)
+        if a.engine == "transformers":
+            threads_for_actor(a.num_cpus)
+        self._engine = make_engine(
+            a.engine, a.model, dtype=a.dtype, openai_base_url=a.openai_base_url,
+            openai_api_key=engine_key.get_secret_value() if engine_key else None, openai_prefill=a.openai_prefill,
+            openai_max_parallel=a.openai_max_parallel, openai_timeout_s=a.openai_timeout_s, max_batch=a.batch_max_rows)
+        engine_cap = self._engine.max_new_tokens_limit
+        self._token_limit = min(a.max_new_tokens_limit, engine_cap) if engine_cap else a.max_new_tokens_limit
+        # Generation and probability judging both saturate the replica; one runs at a time.
+        self._compute = asyncio.Lock()
+        self._generate_batch.set_max_batch_size(a.batch_max_rows)
+        self._generate_batch.set_batch_wait_timeout_s(a.batch_wait_s)
+        self._metrics = ServeMetrics()
+        set_current(self._metrics)
+        set_body_limit(a.max_body_bytes)
+        set_api_key(api_key_digest, a.api_key_env)
+        self._info = {**describe(self._engine), "logic_version": logic.logic_version(),
+                      "limits": {"max_samples_per_request": a.max_samples_per_request,
+                                 "max_new_tokens": self._token_limit, "max_body_bytes": a.max_body_bytes},
+                      "auth": bool(api_key_digest)}
+        logger.info("refiner replica ready: engine=%s model=%s auth=%s", a.engine, self._engine.model_id,
+                    bool(api_key_digest))
+
+    # ----- engine access (batched) -----------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_rows_in)
+    async def _generate_batch(self, chunks: list[list[GenRow]]) -> list[list[GenOut]]:
+        """Runs the rows of many concurrent callers as one engine call, and hands each its part."""
+        flat = [r for c in chunks for r in c]
+        async with self._compute:
+            outs = await asyncio.to_thread(self._engine.generate_rows, flat)
+        self._metrics.batch_rows.observe(len(flat))
+        self._metrics.count_tokens(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+        parts, start = [], 0
+        for c in chunks:
+            parts.append(outs[start:start + len(c)])
+            start += len(c)
+        return parts
+
+    async def _generate(self, rows: list[GenRow]) -> list[GenOut]:
+        """Generates any number of rows through the batcher, in pieces of at most batch_max_rows."""
+        size = self._args.batch_max_rows
+        pieces = await asyncio.gather(*(self._generate_batch(rows[i:i + size]) for i in range(0, len(rows), size)))
+        return [o for piece in pieces for o in piece]
+
+    # ----- shared checks -----------------------------------------------------------------------
+
+    def _check_samples(self, n: int) -> None:
+        if n > self._args.max_samples_per_request:
+            raise ClientError(413, f"{n} samples in one request exceed this server's limit of "
+                                   f"{self._args.max_samples_per_request} (max_samples_per_request); split the request")
+
+    def _check_tokens(self, n: int, what: str = "sampling.max_new_tokens") -> None:
+        if n > self._token_limit:
+            raise ClientError(413, f"{what}={n} exceeds this server's limit of {self._token_limit} tokens per item "
+                                   f"(max_new_tokens_limit); ask for fewer")
+
+    async def _run(self, route: str, work, http: bool):
+        """Runs one request's work: client errors become 4xx (HTTP) or ValueError (handles)."""
+        t0 = time.monotonic()
+        try:
+            result = await work()
+        except ClientError as exc:
+            if not http:
+                self._metrics.answered(route, "error", time.monotonic() - t0)
+                raise ValueError(exc.message) from None
+            raise HTTPException(exc.status, exc.message) from None
+        except HTTPException:
+            raise
+        except Exception as exc:
+            # Never the request text in the log unless asked: the exception type and route only.
+            if self._args.log_text:
+                logger.exception("%s failed", route)
+            else:
+                logger.error("%s failed: %s", route, type(exc).__name__)
+            if not http:
+                self._metrics.answered(route, "error", time.monotonic() - t0)
+                raise
+            raise HTTPException(500, f"internal error ({type(exc).__name__}); see the replica log") from None
+        if not http:
+            self._metrics.answered(route, "ok", time.monotonic() - t0)
+        return result
+
+    # ----- refine ------------------------------------------------------------------------------
+
+    async def _refine(self, body: RefineRequest, route: str) -> RefineResponse:
+        self._check_tokens(body.sampling.max_new_tokens)
+        if self._args.log_text:
+            logger.debug("%s %s: %s", route, body.operation, [sample_prompt(s) for s in body.samples])
+        resp = await logic.refine(self._generate, body, self._engine.model_id, self._engine.supports_prefill)
+        ok = sum(r.status == "ok" for r in resp.results)
+        self._metrics.count_items(route, "ok", ok)
+        self._metrics.count_items(route, "failed", len(resp.results) - ok)
+        return resp
+
+    @api.post("/v1/refine", response_model=RefineResponse, responses=_ERRORS, dependencies=_KEYED)
+    async def refine_http(self, body: RefineRequest) -> RefineResponse:
+        """Simplify, improve or synthesize a batch of samples; every item comes back ok or failed with a reason."""
+        async def work():
+            self._check_samples(len(body.samples))
+            return await self._refine(body, "/v1/refine")
+
+        return await self._run("/v1/refine", work, http=True)
+
+    async def refine(self, request: dict) -> dict:
+        """Handle method for the loop: a RefineRequest dict in, a RefineResponse dict out.
+
+        Raises:
+            pydantic.ValidationError: The request does not match RefineRequest (a caller bug).
+            ValueError: It asks for more tokens than the server allows.
+        """
+        body = RefineRequest.model_validate(request)
+        return (await self._run("handle:refine", lambda: self._refine(body, "handle:refine"), http=False)).model_dump()
+
+    # ----- judge -------------------------------------------------------------------------------
+
+    async def _judge(self, body: JudgeRequest, route: str) -> JudgeResponse:
+        if body.mode == "prob":
+            if not self._engine.supports_prob_judge:
+                raise ClientError(422, f"engine '{self._engine.name}' gives no token probabilities, so it supports only "
+                                       f"mode 'generate'; send \"mode\": \"generate\"")
+            if body.template == "chat" and not getattr(self._engine, "uses_chat_template", False):
+                raise ClientError(422, "template 'chat' needs a tokenizer with a chat template, and this model has "
+                                       "none; use 'default' or 'auto'")
+            rows = [s.model_dump() for s in body.samples]
+            async with self._compute:
+                scores = await asyncio.to_thread(self._engine.judge_prob, rows, body.template,  # type: ignore[attr-defined]
+                                                 body.cutoff_len)
+        else:
+            self._check_tokens(body.sampling.max_new_tokens)
+            scores = await logic.judge_generate(self._generate, body)
+        resp = logic.judge_response(body, scores, self._engine.model_id)
+        missing = sum(r.missing for r in resp.results)
+        self._metrics.count_items(route, "scored", 6 * len(resp.results) - missing)
+        self._metrics.count_items(route, "missing", missing)
+        return resp
+
+    @api.post("/v1/judge", response_model=JudgeResponse, responses=_ERRORS, dependencies=_KEYED)
+    async def judge_http(self, body: JudgeRequest) -> JudgeResponse:
+        """Score each sample's prompt and response 0-10 on factuality, clarity and completeness (null = no score)."""
+        async def work():
+            self._check_samples(len(body.samples))
+            return await self._judge(body, "/v1/judge")
+
+        return await self._run("/v1/judge", work, http=True)
+
+    async def judge(self, request: dict) -> dict:
+        """Handle method: a JudgeRequest dict in, a JudgeResponse dict out (ValueError for unsupported modes)."""
+        body = JudgeRequest.model_validate(request)
+        return (await self._run("handle:judge", lambda: self._judge(body, "handle:judge"), http=False)).model_dump()
+
+    # ----- OpenAI-compatible -------------------------------------------------------------------
+
+    async def _chat(self, body: ChatCompletionRequest) -> ChatCompletion:
+        if body.model != self._engine.model_id:
+            raise ClientError(404, f"model '{body.model}' is not served here; GET /v1/models lists "
+                                   f"'{self._engine.model_id}'")
+        cap = body.token_cap(min(256, self._token_limit))
+        self._check_tokens(cap, "max_tokens")
+        if body.continue_final_message and not self._engine.supports_prefill:
+            raise ClientError(422, "this server's engine cannot continue an assistant message; "
+                                   "send continue_final_message=false")
+        seed = logic.fresh_seed() if body.seed is None else body.seed
+        messages = body.plain_messages()
+        # Choice 0 samples with the seed itself (so a client that seeds each call, like the external
+        # engine, gets exactly what this app would generate for that row); further choices derive theirs.
+        rows = [GenRow(messages=messages, max_new_tokens=cap, temperature=body.temperature, top_p=body.top_p,
+                       seed=seed if i == 0 else row_seed(seed, i), continue_final=body.continue_final_message,
+                       stop=body.stops())
+                for i in range(body.n)]
+        outs = await self._generate(rows)
+        completion = sum(o.completion_tokens for o in outs)
+        prompt = outs[0].prompt_tokens if outs else 0
+        return ChatCompletion(
+            model=self._engine.model_id,
+            choices=[Choice(index=i, message=AssistantMessage(content=o.text),
+                            finish_reason="length" if o.finish_reason == "length" else "stop")
+                     for i, o in enumerate(outs)],
+            usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion))
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=_KEYED,
+              responses={**_ERRORS, 404: {"description": "The requested model is not served here."}})
+    async def chat_completions(self, body: ChatCompletionRequest) -> ChatCompletion:
+        """OpenAI-compatible chat completion (text only, no streaming)."""
+        return await self._run("/v1/chat/completions", lambda: self._chat(body), http=True)
+
+    async def chat(self, request: dict) -> dict:
+        """Handle method: a chat-completion request dict in, the ChatCompletion dict out."""
+        body = ChatCompletionRequest.model_validate(request)
+        return (await self._run("handle:chat", lambda: self._chat(body), http=False)).model_dump()
+
+    @api.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]}, dependencies=_KEYED)
+    async def models(self) -> ModelList:
+        """OpenAI-compatible list of the served model."""
+        return ModelList(data=[ModelCard(id=self._engine.model_id)])
+
+    # ----- health and identity -----------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness and the served model (no key needed)."""
+        return {"status": "ok", "model": self._engine.model_id}
+
+    async def info(self) -> dict:
+        """Handle method: engine, model, revision, judge modes, logic version, limits (for cache keys)."""
+        return dict(self._info)
+
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Builds the refiner application from (string or typed) arguments.
+
+    The API key and the external endpoint's key are read here, from the environment variables
+    named by ``api_key_env`` and ``openai_api_key_env``, on the machine that builds the app; only
+    the digest of the app's key is sent to the replicas.
 
     Args:
         args: Keys of :class:`RefinerArgs`; missing keys take :data:`DEFAULT_ARGS`.
@@ -263,11 +402,38 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     Raises:
         pydantic.ValidationError: An unknown key or a bad value, naming the key.
+        ValueError: A non-loopback ``http_host`` without an API key, or engine 'openai' without its
+            base URL or key; the message names the variable or argument to set.
     """
+    import os
+
+    from ray.serve.config import BackpressureConfig
+
     a = RefinerArgs.model_validate(dict(args or {}))
-    deployment = Refiner.options(
-        num_replicas=a.num_replicas,
-        max_ongoing_requests=a.max_ongoing_requests,
-        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
-    )
-    return deployment.bind(model=a.model, dtype=a.dtype, num_cpus=a.num_cpus)
+    key = os.environ.get(a.api_key_env) or None
+    digest = key_digest(key) if key else None
+    require_key_off_loopback(a.http_host, digest, a.api_key_env)
+    engine_key = None
+    if a.engine == "openai":
+        if not a.openai_base_url:
+            raise ValueError("engine 'openai' needs openai_base_url (the endpoint's base URL, e.g. https://host/v1)")
+        value = os.environ.get(a.openai_api_key_env)
+        if not value:
+            raise ValueError(f"engine 'openai' reads its API key from the environment variable {a.openai_api_key_env}, "
+                             f"which is not set; export it (any value for an endpoint without auth)")
+        engine_key = SecretStr(value)
+    if not digest and is_loopback(a.http_host):
+        logger.info("refiner app without an API key (loopback only); set %s to require one", a.api_key_env)
+    options: dict[str, Any] = {
+        "max_ongoing_requests": a.max_ongoing_requests,
+        "max_queued_requests": a.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s),
+        "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
+    }
+    if a.autoscale:
+        options["num_replicas"] = "auto"
+        options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                         "target_ongoing_requests": a.target_ongoing_requests}
+    else:
+        options["num_replicas"] = a.num_replicas
+    return Refiner.options(**options).bind(a.model_dump(), digest, engine_key)

@@ -1,53 +1,284 @@
-"""Text generation with a Hugging Face causal LM: the refiner's transformers engine.
+"""Engines of the refiner/judge app: chat messages in, generated text out, behind one interface.
 
-The engine is deliberately small: prompts in, new text out. Everything about what to ask and how to
-judge the answer lives in ``serve.app`` (and ``middo_ray.prompts``), so another engine (vLLM, an
-OpenAI-compatible endpoint) only has to offer the same ``generate`` method.
+- :class:`TransformersEngine`: a Hugging Face causal LM in the replica (CPU or GPU). It also gives
+  token probabilities, so it supports the probability-weighted judge.
+- :class:`OpenAIEngine`: an external OpenAI-compatible endpoint (a hosted API, a vLLM server, or
+  another copy of this app), called with the official ``openai`` client. Generate-only.
+
+Everything about what to ask and how to check the answer lives in ``serve.logic`` (and
+``middo_ray.prompts``); an engine only turns :class:`GenRow` s into :class:`GenOut` s. Another
+engine (vLLM in-process) has to offer the same :class:`Engine` protocol.
+
+Determinism: every row carries its own sampling parameters and seed, and the transformers engine
+samples each row from its own random generator, so a row's text does not depend on which other
+rows share its forward batch (up to float rounding of differently shaped batches). This is what lets
+the Serve app batch unrelated requests together and still promise "same seed, same output".
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from typing import Any
-
-from middo_ray.models import load_model
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
-# Prompts per forward batch. Bounded so one request of 256 samples does not build one huge
-# padded tensor; within a call the prompts are length-sorted, so chunks have little padding.
+# Prompts per forward batch. Bounded so one call with 256 rows does not build one huge padded
+# tensor; within a call the prompts are length-sorted, so chunks have little padding.
 DEFAULT_MAX_BATCH = 16
+# Row seeds stay below 2**31 so they pass unchanged through APIs with 32-bit seeds (the external engine).
+_SEED_MOD = 2**31 - 1
+
+
+def row_seed(seed: int, index: int) -> int:
+    """Seed of row ``index`` of a call seeded with ``seed`` (distinct rows get distinct streams)."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % _SEED_MOD
+
+
+@dataclass
+class GenRow:
+    """One generation: a chat, its sampling parameters and seed.
+
+    Attributes:
+        messages: OpenAI-style ``{"role", "content"}`` messages.
+        max_new_tokens: Cap on generated tokens.
+        temperature: 0 = greedy; above 0, sampling at that temperature.
+        top_p: Nucleus mass (ignored when greedy).
+        seed: Seed of this row's sampling stream.
+        continue_final: The last message is an assistant prefix that the answer continues; the
+            returned text does not repeat it.
+        stop: Strings that end the text (the text is cut before the first one).
+    """
+
+    messages: list[dict[str, str]]
+    max_new_tokens: int = 160
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    continue_final: bool = False
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenOut:
+    """What one row produced: the new text and its token counts."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the refine/judge/chat logic needs from an engine."""
+
+    name: str
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def revision(self) -> str: ...
+
+    @property
+    def supports_prob_judge(self) -> bool: ...
+
+    @property
+    def supports_prefill(self) -> bool: ...
+
+    @property
+    def max_new_tokens_limit(self) -> int | None: ...
+
+    def generate_rows(self, rows: list[GenRow]) -> list[GenOut]: ...
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text before the first stop string, and whether one was found."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def plain_render(messages: list[dict[str, str]], continue_final: bool) -> str:
+    """A chat as plain text, for tokenizers without a chat template (the tiny test model).
+
+    A single user message is sent as it is (a bare prompt); longer chats use the training
+    template's ``Human:``/``Assistant:`` turns.
+    """
+    if len(messages) == 1 and messages[0]["role"] == "user" and not continue_final:
+        return messages[0]["content"]
+    parts = []
+    for i, m in enumerate(messages):
+        last = i == len(messages) - 1
+        if m["role"] == "system":
+            parts.append(m["content"] + "\n")
+        elif m["role"] == "user":
+            parts.append(f"Human: {m['content']}\n")
+        elif last and continue_final:
+            parts.append(f"Assistant:{m['content']}")
+        else:
+            parts.append(f"Assistant:{m['content']}\n")
+    if not continue_final:
+        parts.append("Assistant:")
+    return "".join(parts)
+
+
+def model_fingerprint(path: str) -> str:
+    """A short content fingerprint of a local checkpoint (for cache keys), or the hub id itself.
+
+    Hashes config.json and, per weight file, its size and three 1 MiB windows (start, middle,
+    end): retrained checkpoints of the same shape differ there, and a 16 GB model is not read whole.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return hashlib.sha256(path.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                for off in sorted({0, max(0, size // 2 - 2**19), max(0, size - 2**20)}):
+                    fh.seek(off)
+                    h.update(fh.read(2**20))
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformers.
+
+
+class _RowSampler:
+    """Logits processor that samples every row from its own generator, with its own parameters.
+
+    ``generate`` runs greedy; this processor replaces each sampling row's scores by a one-hot of the
+    token it drew, so greedy picks exactly that token. Each row consumes one uniform draw per step
+    from its own ``torch.Generator``, so its tokens depend only on its seed and its own logits.
+    Rows that reached their own ``max_new_tokens`` are forced to EOS.
+    """
+
+    def __init__(self, rows: list[GenRow], prompt_width: int, eos_id: int | None):
+        import torch
+
+        self.prompt_width = prompt_width
+        self.eos_id = eos_id
+        self.temps = torch.tensor([max(0.0, float(r.temperature)) for r in rows], dtype=torch.float32)
+        self.top_p = torch.tensor([float(r.top_p) for r in rows], dtype=torch.float32)
+        self.max_new = torch.tensor([int(r.max_new_tokens) for r in rows])
+        self.gens = [torch.Generator().manual_seed(int(r.seed) % _SEED_MOD) for r in rows]
+        self.sampling = self.temps > 0
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_width
+        # One draw per row per step, whether the row samples or not, keeps every stream aligned.
+        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(scores.device)
+        out = scores.float().clone()
+        idx = torch.nonzero(self.sampling.to(scores.device)).flatten()
+        if idx.numel():
+            logits = out[idx] / self.temps.to(scores.device)[idx, None]
+            probs = torch.softmax(logits, dim=-1)
+            p_sorted, order = torch.sort(probs, dim=-1, descending=True)
+            before = torch.cumsum(p_sorted, dim=-1) - p_sorted
+            p_sorted = p_sorted * (before < self.top_p.to(scores.device)[idx, None])
+            cdf = torch.cumsum(p_sorted, dim=-1)
+            cdf = cdf / cdf[:, -1:]
+            pick = torch.searchsorted(cdf, u[idx, None].to(cdf.dtype)).clamp(max=cdf.shape[-1] - 1)
+            token = order.gather(1, pick)
+            out[idx] = float("-inf")
+            out[idx.unsqueeze(1), token] = 0.0
+        if self.eos_id is not None:
+            done = torch.nonzero((step >= self.max_new).to(scores.device)).flatten()
+            if done.numel():
+                out[done] = float("-inf")
+                out[done, self.eos_id] = 0.0
+        return out
 
 
 class TransformersEngine:
-    """A causal LM and its tokenizer, loaded once, generating for batches of prompts.
+    """A causal LM and its tokenizer, loaded once, generating for batches of chats.
 
-    Each prompt is sent as a single user message through the tokenizer's chat template when the
-    tokenizer has one (the teacher is an instruct model), and as raw text otherwise (the tiny test
-    model has no template). Batches are left-padded so every prompt ends where generation starts.
+    Chats go through the tokenizer's chat template when it has one (the teacher is an instruct
+    model) and through :func:`plain_render` otherwise (the tiny test model). Batches are left-padded
+    so every prompt ends where generation starts.
 
     Args:
         model: Model spec understood by ``middo_ray.models.resolve_model``: 'smollm2', 'tiny',
             a local checkpoint directory or a Hugging Face id.
         dtype: 'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
-        max_batch: Most prompts in one forward batch.
+        max_batch: Most rows in one forward batch.
+        judge_batch_tokens: Token budget per forward batch of the probability-weighted judge.
     """
 
-    def __init__(self, model: str, dtype: str = "auto", max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    name = "transformers"
+
+    def __init__(self, model: str, dtype: str = "auto", max_batch: int = DEFAULT_MAX_BATCH,
+                 judge_batch_tokens: int = 4096) -> None:
+        from middo_ray.models import load_model, resolve_model
+
         self._spec = model
         self._model, self._tok = load_model(model, dtype=dtype)
+        self._revision = model_fingerprint(resolve_model(model))
         # Left padding: generation appends after the last position, which must be a real token.
         self._tok.padding_side = "left"
         self._max_batch = max(1, int(max_batch))
+        self._judge_batch_tokens = int(judge_batch_tokens)
         self._device = next(self._model.parameters()).device
         self._use_template = bool(getattr(self._tok, "chat_template", None))
         self._eos_ids = self._stop_ids()
         self._max_positions = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
+        self._prob_judge = self._digits_are_tokens()
+        import torch
+
+        # torch's thread count is per OS thread (OpenMP); the Serve replica computes in worker threads,
+        # which would otherwise start with Ray's OMP_NUM_THREADS (often 1). Re-applied in every call.
+        self._threads = torch.get_num_threads()
+
+    def _use_threads(self) -> None:
+        import torch
+
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+
+    def _digits_are_tokens(self) -> bool:
+        """The probability-weighted judge needs every digit 0-9 to be one token."""
+        from middo_ray.diagnose import score_tokens
+
+        try:
+            score_tokens(self._tok)
+            return True
+        except ValueError:
+            logger.warning("model %s splits digits into several tokens: judge mode 'prob' is off", self._spec)
+            return False
 
     @property
     def model_id(self) -> str:
         """The model spec this engine was built from (what responses report as 'model')."""
         return self._spec
+
+    @property
+    def revision(self) -> str:
+        """Content fingerprint of the loaded checkpoint."""
+        return self._revision
+
+    @property
+    def supports_prob_judge(self) -> bool:
+        """Whether judge mode 'prob' works (single-token digits)."""
+        return self._prob_judge
+
+    @property
+    def supports_prefill(self) -> bool:
+        return True
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        """Most tokens one row may generate and still leave room for a prompt of 64 tokens."""
+        return max(1, self._max_positions - 64) if self._max_positions else None
 
     @property
     def uses_chat_template(self) -> bool:
@@ -63,12 +294,24 @@ class TransformersEngine:
                     ids.append(int(value))
         return ids
 
-    def render(self, prompt: str) -> str:
-        """The exact text fed to the model for one prompt (chat-templated when possible)."""
+    def render(self, messages: list[dict[str, str]] | str, continue_final: bool = False) -> str:
+        """The exact text fed to the model for one chat (a bare string is one user message).
+
+        With ``continue_final`` the last (assistant) message is appended raw after the generation
+        prompt of the chat before it, so the model continues that text.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
         if not self._use_template:
-            return prompt
-        return self._tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            return plain_render(messages, continue_final)
+        head = messages[:-1] if continue_final else messages
+        if not head:  # only an assistant prefix: nothing to template
+            return messages[-1]["content"]
+        text = self._tok.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
+        return text + (messages[-1]["content"] if continue_final else "")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def _encode(self, texts: list[str], max_new_tokens: int) -> dict[str, Any]:
         """Tokenizes a chunk with left padding, keeping the end of over-long prompts.
@@ -90,46 +333,187 @@ class TransformersEngine:
         enc = self._tok(texts, **kwargs)
         return {k: v.to(self._device) for k, v in enc.items()}
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 160, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, prefills: list[str] | None = None) -> list[str]:
-        """Generates one completion per prompt and returns only the new text.
-
-        Args:
-            prompts: Plain prompts; each becomes one user message.
-            max_new_tokens: Cap on generated tokens per prompt.
-            temperature: 0 means greedy decoding; above 0, sampling at that temperature.
-            top_p: Nucleus sampling mass (ignored when greedy).
-            seed: Seeds torch's generator once per call, so the same prompts, parameters and seed give
-                the same outputs.
-            prefills: Optional text per prompt that the answer starts with (after the chat template's
-                generation prompt); it is not repeated in the returned text.
+    def generate_rows(self, rows: list[GenRow]) -> list[GenOut]:
+        """Generates every row, in length-sorted forward batches of at most ``max_batch`` rows.
 
         Returns:
-            The generated continuations, special tokens stripped, in the order of ``prompts``.
+            One GenOut per row, in input order; special tokens stripped, prefills not repeated.
         """
         import torch
+        from transformers import GenerationConfig
 
-        if not prompts:
+        if not rows:
             return []
-        torch.manual_seed(int(seed))
-        texts = [self.render(p) + (prefills[i] if prefills else "") for i, p in enumerate(prompts)]
+        self._use_threads()
+        # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
+        filler = self._tok.bos_token or self._tok.eos_token or " "
+        texts = [self.render(r.messages, r.continue_final) or filler for r in rows]
         # Length-sorted chunks waste less compute on padding; results are put back in input order.
         order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-        outputs: list[str] = [""] * len(texts)
-        sampling: dict[str, Any]
-        if temperature <= 0:
-            sampling = {"do_sample": False}
-        else:
-            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+        outputs: list[GenOut | None] = [None] * len(rows)
+        pad = self._tok.pad_token_id
         for start in range(0, len(order), self._max_batch):
             idx = order[start:start + self._max_batch]
-            enc = self._encode([texts[i] for i in idx], max_new_tokens)
+            chunk = [rows[i] for i in idx]
+            max_new = max(int(r.max_new_tokens) for r in chunk)
+            enc = self._encode([texts[i] for i in idx], max_new)
+            width = enc["input_ids"].shape[1]
+            sampler = _RowSampler(chunk, width, self._eos_ids[0] if self._eos_ids else None)
+            gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=self._eos_ids or None,
+                                       pad_token_id=pad, bos_token_id=self._tok.bos_token_id)
             with torch.inference_mode():
-                out = self._model.generate(
-                    **enc, max_new_tokens=int(max_new_tokens), eos_token_id=self._eos_ids or None,
-                    pad_token_id=self._tok.pad_token_id, **sampling)
+                out = self._model.generate(**enc, generation_config=gen_cfg, logits_processor=[sampler])
             # With left padding every row's prompt ends at the same column, so new tokens start there.
-            new_tokens = out[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(idx, self._tok.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text.strip()
-        return outputs
+            new_tokens = out[:, width:].tolist()
+            prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+            for j, i in enumerate(idx):
+                outputs[i] = self._finish(new_tokens[j], rows[i], int(prompt_lens[j]))
+        return outputs  # type: ignore[return-value]
+
+    def _finish(self, tokens: list[int], row: GenRow, prompt_tokens: int) -> GenOut:
+        """Cuts a row's new tokens at its EOS and its own cap, decodes, applies stop strings."""
+        n = 0
+        hit_eos = False
+        for t in tokens[: int(row.max_new_tokens)]:
+            if t in self._eos_ids:
+                hit_eos = True
+                break
+            n += 1
+        text = self._tok.decode(tokens[:n], skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, row.stop)
+        reason = "stop" if (hit_eos or stopped or n < int(row.max_new_tokens)) else "length"
+        return GenOut(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=n, finish_reason=reason)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 160, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0, prefills: list[str] | None = None) -> list[str]:
+        """Convenience: one completion per prompt with shared parameters (row i seeded by (seed, i))."""
+        rows = [GenRow(messages=[{"role": "user", "content": p}]
+                       + ([{"role": "assistant", "content": prefills[i]}] if prefills else []),
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       seed=row_seed(seed, i), continue_final=bool(prefills))
+                for i, p in enumerate(prompts)]
+        return [o.text for o in self.generate_rows(rows)]
+
+    def judge_prob(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
+        """(N, 6) probability-weighted judge scores (NaN = no score), as the diagnosis computes them.
+
+        Args:
+            rows: Dicts with instruction, input, output.
+            template: 'default', 'chat', or 'auto' (chat when the tokenizer has a chat template).
+            cutoff_len: Token cap of one judge prompt.
+        """
+        from middo_ray.diagnose import judge_scores
+
+        self._use_threads()
+        if template == "auto":
+            template = "chat" if self._use_template else "default"
+        if self._max_positions:
+            # Longer prompts would run past the positions the model was trained for.
+            cutoff_len = min(int(cutoff_len), self._max_positions - 16)
+        full = [{"instruction": r.get("instruction", ""), "input": r.get("input") or "",
+                 "output": r.get("output") or "", "system": "", "history": ""} for r in rows]
+        return judge_scores(self._model, self._tok, full, template, cutoff_len, self._judge_batch_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# External OpenAI-compatible endpoint.
+
+
+class OpenAIEngine:
+    """Generation through an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Rows are sent as parallel requests (at most ``max_parallel`` at once); the endpoint does its own
+    batching. The API key is read from the environment variable named by ``api_key_env`` by the
+    caller (never a command-line value) and handed in as ``api_key``.
+
+    Args:
+        base_url: The endpoint's base URL, e.g. ``https://host/v1``.
+        model: Model name to request.
+        api_key: The key (from the environment); sent as ``Authorization: Bearer``.
+        prefill: Send assistant prefixes with ``continue_final_message`` (vLLM and this app support
+            it; the hosted OpenAI API does not). Without it the refiner asks without a prefill.
+        max_parallel: Requests in flight at once.
+        timeout_s: Timeout of one request.
+        max_retries: Retries of the client on connection errors, 429 and 5xx.
+    """
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key: str, prefill: bool = False, max_parallel: int = 8,
+                 timeout_s: float = 120.0, max_retries: int = 2) -> None:
+        try:
+            import openai
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise RuntimeError("the 'openai' engine needs the openai package: pip install openai") from exc
+        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
+        self._model = model
+        self._base_url = base_url
+        self._prefill = bool(prefill)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(max_parallel)), thread_name_prefix="openai-engine")
+
+    @property
+    def model_id(self) -> str:
+        return self._model
+
+    @property
+    def revision(self) -> str:
+        """The endpoint and model name: an external model's weights cannot be fingerprinted from here."""
+        return hashlib.sha256(f"{self._base_url}|{self._model}".encode()).hexdigest()[:16]
+
+    @property
+    def supports_prob_judge(self) -> bool:
+        return False
+
+    @property
+    def supports_prefill(self) -> bool:
+        return self._prefill
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        return None
+
+    def _one(self, row: GenRow) -> GenOut:
+        extra: dict[str, Any] = {}
+        if row.continue_final:
+            if not self._prefill:
+                raise ValueError("this OpenAI-compatible engine was configured without prefill support; "
+                                 "send no assistant prefix or set openai_prefill=true")
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        resp = self._client.chat.completions.create(
+            model=self._model, messages=row.messages, max_tokens=int(row.max_new_tokens),
+            temperature=float(row.temperature), top_p=float(row.top_p), seed=int(row.seed),
+            stop=list(row.stop) or None, n=1, extra_body=extra or None)
+        choice = resp.choices[0]
+        usage = resp.usage
+        return GenOut(text=(choice.message.content or "").strip(),
+                      prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                      completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                      finish_reason="length" if choice.finish_reason == "length" else "stop")
+
+    def generate_rows(self, rows: list[GenRow]) -> list[GenOut]:
+        """Sends every row as one chat completion, in parallel; returns outputs in input order."""
+        return list(self._pool.map(self._one, rows))
+
+
+def make_engine(engine: str, model: str, dtype: str = "auto", openai_base_url: str | None = None,
+                openai_api_key: str | None = None, openai_prefill: bool = False, openai_max_parallel: int = 8,
+                openai_timeout_s: float = 120.0, max_batch: int = DEFAULT_MAX_BATCH) -> Engine:
+    """Builds the engine named by ``engine`` ('transformers' or 'openai')."""
+    if engine == "transformers":
+        return TransformersEngine(model, dtype=dtype, max_batch=max_batch)
+    if engine == "openai":
+        if not openai_base_url:
+            raise ValueError("engine 'openai' needs openai_base_url (the endpoint's base URL, e.g. https://host/v1)")
+        if not openai_api_key:
+            raise ValueError("engine 'openai' got no API key; set the environment variable named by openai_api_key_env")
+        return OpenAIEngine(openai_base_url, model, openai_api_key, prefill=openai_prefill,
+                            max_parallel=openai_max_parallel, timeout_s=openai_timeout_s)
+    raise ValueError(f"unknown engine '{engine}'; use 'transformers' or 'openai'")
+
+
+def describe(engine: Engine) -> dict[str, Any]:
+    """Identity of an engine for cache keys and /healthz."""
+    return {"engine": engine.name, "model": engine.model_id, "revision": engine.revision,
+            "judge_modes": ["prob", "generate"] if engine.supports_prob_judge else ["generate"],
+            "prefill": engine.supports_prefill}
+

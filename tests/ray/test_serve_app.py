@@ -1,10 +1,12 @@
 """The refiner Serve app (serve/app.py) and the loop's refine stage (middo_ray/refine.py).
 
-The Ray tests start the real application with the tiny random model on a free port and talk to it
-over real HTTP and through its deployment handle. The tiny model never writes the rewrite marker,
-so its items fail: that is the failure path (status "failed", a reason, nothing dropped). The
-success path and the retry logic are checked with a scripted generator (unit tests below), and a
-slow test runs SmolLM2 for real.
+The Ray tests start the real application with the tiny random model on a free port (through
+``start_refiner``, as the loop does, with an API key) and talk to it over real HTTP and through its
+deployment handle. The tiny model writes random text: with the marker prefilled some of it passes
+validation and some fails, so both paths occur; exact success/retry logic is checked with a scripted
+generator (unit tests below), and a slow test runs SmolLM2 for real. The refine stage's cache,
+timeout and re-judge are tested through the handle. Auth, limits, judge, the OpenAI-compatible
+routes, metrics, the external engine and the fuzz run are in test_serve_http.py.
 
 Synthesize with fewer than two hints is answered per item (status "failed", reason "bad item: ...")
 rather than 422, so one bad row never rejects the rest of its batch.
@@ -12,6 +14,7 @@ rather than 422, so one bad row never rejects the rest of its batch.
 
 from __future__ import annotations
 
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +26,9 @@ from middo_ray.prompts import SIMPLIFY_MARKER, SYNTH_MARKER
 from middo_ray.schema import RefineRequest, RefineResponse
 
 OPERATIONS = ("simplify", "improve", "synthesize")
+KEY_ENV = "MIDDO_TEST_REFINER_KEY"
+KEY = "test-refiner-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -46,8 +52,14 @@ def _samples(n: int, prefix: str = "s", hints: bool = True) -> list[dict]:
 class ScriptedEngine:
     """Answers each generate call from a script, and records the batches it was given."""
 
-    def __init__(self, replies):
+    name = "scripted"
+    revision = "r0"
+    supports_prob_judge = False
+    max_new_tokens_limit = None
+
+    def __init__(self, replies, prefill: bool = True):
         self.replies = replies  # callable(prompt, call_index) -> text
+        self.supports_prefill = prefill
         self.calls: list[list[str]] = []
         self.prefills: list = []
 
@@ -55,10 +67,12 @@ class ScriptedEngine:
     def model_id(self) -> str:
         return "scripted"
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p, seed, prefills=None):
-        self.calls.append(list(prompts))
-        self.prefills.append(prefills)
-        return [self.replies(p, len(self.calls) - 1) for p in prompts]
+    def generate_rows(self, rows):
+        from serve.engine import GenOut
+
+        self.calls.append([r.messages[0]["content"] for r in rows])
+        self.prefills.append([r.messages[-1]["content"] for r in rows] if rows[0].continue_final else None)
+        return [GenOut(self.replies(r.messages[0]["content"], len(self.calls) - 1)) for r in rows]
 
 
 def _request(op: str, n: int, temperature: float = 1.0, retries: int = 1, hints: bool = True,
@@ -159,23 +173,163 @@ def test_build_app_validates_args():
         build_app({"model": "tiny", "replicas": 2})
 
 
+@pytest.mark.unit
+def test_run_refine_engine_without_prefill_asks_without_marker():
+    """An engine that cannot continue an assistant prefix gets plain prompts even when the request asks
+    for a prefilled marker, so an answer without its own marker fails instead of being patched."""
+    from serve.app import run_refine
+
+    eng = ScriptedEngine(lambda p, call: "What is two plus two?" if call == 0 else "Four.", prefill=False)
+    resp = run_refine(eng, _request("simplify", 2, prefill=True, retries=0))
+    assert eng.prefills == [None]
+    assert all(r.status == "failed" and "marker missing" in r.reason for r in resp.results)
+
+
+@pytest.mark.unit
+def test_build_app_refuses_public_host_without_key(monkeypatch):
+    """Beyond loopback the app will not start without an API key, and the error names the variable to set;
+    with the key in that variable it builds."""
+    from middo_ray.refine import start_refiner
+    from serve.app import build_app
+
+    monkeypatch.delenv("MIDDO_TEST_UNSET_KEY", raising=False)
+    for host in ("0.0.0.0", "10.1.2.3", "example.org"):
+        with pytest.raises(ValueError, match="MIDDO_TEST_UNSET_KEY"):
+            build_app({"model": "tiny", "http_host": host, "api_key_env": "MIDDO_TEST_UNSET_KEY"})
+    build_app({"model": "tiny", "http_host": "127.0.0.1", "api_key_env": "MIDDO_TEST_UNSET_KEY"})
+    build_app({"model": "tiny", "http_host": "::1", "api_key_env": "MIDDO_TEST_UNSET_KEY"})
+    # The loop's entry point refuses before Serve is touched.
+    cfg = build_config({"model": {"base": "tiny"}, "refine": {"http_host": "0.0.0.0",
+                                                               "api_key_env": "MIDDO_TEST_UNSET_KEY"}})
+    with pytest.raises(ValueError, match="MIDDO_TEST_UNSET_KEY"):
+        start_refiner(cfg)
+    monkeypatch.setenv("MIDDO_TEST_UNSET_KEY", "k")
+    build_app({"model": "tiny", "http_host": "0.0.0.0", "api_key_env": "MIDDO_TEST_UNSET_KEY"})
+
+
+@pytest.mark.unit
+def test_build_app_openai_engine_needs_url_and_key_from_env(monkeypatch):
+    """The external engine needs its base URL and reads its key only from the named environment variable."""
+    from serve.app import build_app
+
+    monkeypatch.delenv("MIDDO_TEST_UPSTREAM", raising=False)
+    with pytest.raises(ValueError, match="openai_base_url"):
+        build_app({"model": "m", "engine": "openai", "openai_api_key_env": "MIDDO_TEST_UPSTREAM"})
+    with pytest.raises(ValueError, match="MIDDO_TEST_UPSTREAM"):
+        build_app({"model": "m", "engine": "openai", "openai_base_url": "http://127.0.0.1:1/v1",
+                   "openai_api_key_env": "MIDDO_TEST_UPSTREAM"})
+    monkeypatch.setenv("MIDDO_TEST_UPSTREAM", "k")
+    build_app({"model": "m", "engine": "openai", "openai_base_url": "http://127.0.0.1:1/v1",
+               "openai_api_key_env": "MIDDO_TEST_UPSTREAM"})
+
+
+@pytest.mark.unit
+def test_security_helpers():
+    """Bearer checks compare digests; loopback detection covers names, v4 and v6."""
+    from serve.security import check_bearer, is_loopback, key_digest
+
+    d = key_digest("s3cret")
+    assert check_bearer("Bearer s3cret", d) is None
+    assert check_bearer("bearer s3cret", d) is None
+    assert "invalid" in check_bearer("Bearer nope", d)
+    assert "missing" in check_bearer(None, d)
+    assert "Bearer <key>" in check_bearer("Basic s3cret", d)
+    assert check_bearer(None, None) is None  # no key configured
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.9.9.9")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.168.1.2")
+
+
+@pytest.mark.unit
+def test_transformers_engine_rows_do_not_depend_on_their_batch(tiny_model):
+    """Each row samples from its own seeded stream: alone, reordered, or batched with others it gives the
+    same text; each row stops at its own token cap; stop strings cut the text."""
+    from serve.engine import GenRow, TransformersEngine
+
+    eng = TransformersEngine("tiny")
+    rows = [GenRow([{"role": "user", "content": f"Explain topic {i} please"}], max_new_tokens=6 + 3 * i,
+                   temperature=1.0 if i % 2 else 0.0, top_p=0.9, seed=100 + i) for i in range(5)]
+    together = eng.generate_rows(rows)
+    alone = [eng.generate_rows([r])[0] for r in rows]
+    reversed_ = eng.generate_rows(rows[::-1])[::-1]
+    assert [o.text for o in together] == [o.text for o in alone] == [o.text for o in reversed_]
+    for r, o in zip(rows, together):
+        assert 0 < o.completion_tokens <= r.max_new_tokens and o.prompt_tokens > 0
+    other_seed = eng.generate_rows([GenRow(rows[1].messages, 9, 1.0, 0.9, seed=999)])[0]
+    assert other_seed.text != together[1].text
+    text = together[3].text
+    if len(text) > 3:
+        cut = eng.generate_rows([GenRow(rows[3].messages, rows[3].max_new_tokens, 1.0, 0.9, seed=103,
+                                        stop=[text[2:4]])])[0]
+        assert cut.text == text[:2].strip() and cut.finish_reason == "stop"
+
+
+@pytest.mark.unit
+def test_accept_rewrite_rules():
+    """The re-judge rules: not_worse compares with the original (tolerance allowed), min_score with the
+    threshold; an unscored rewrite is rejected; 'none' accepts everything."""
+    from middo_ray.refine import accept_rewrite
+
+    cfg = build_config({}).refine
+    assert cfg.accept == "not_worse"
+    assert accept_rewrite(cfg, 5.0, 5.0) is None
+    assert "original's 5.00" in accept_rewrite(cfg, 5.0, 4.9)
+    assert accept_rewrite(cfg, None, 1.0) is None          # nothing to compare with
+    assert "no score" in accept_rewrite(cfg, 5.0, None)
+    tol = build_config({"refine": {"accept_tolerance": 0.5}}).refine
+    assert accept_rewrite(tol, 5.0, 4.6) is None and accept_rewrite(tol, 5.0, 4.4) is not None
+    ms = build_config({"refine": {"accept": "min_score", "accept_min_score": 6}}).refine
+    assert accept_rewrite(ms, 9.0, 6.0) is None and "accept_min_score" in accept_rewrite(ms, 1.0, 5.9)
+    none = build_config({"refine": {"accept": "none"}}).refine
+    assert accept_rewrite(none, 9.0, None) is None
+
+
+@pytest.mark.unit
+def test_llm_call_cache_keys_and_files(tmp_path):
+    """Keys change with the request content, the seed, the model revision and the prompt fingerprint; answers
+    round-trip through one JSON file per key; an unreadable file is a miss."""
+    from middo_ray.refine import LLMCallCache, call_key
+
+    ident = {"engine": "transformers", "model": "tiny", "revision": "r1", "logic_version": "v1", "prefill": True}
+    req = {"operation": "simplify", "samples": [{"instruction": "x"}], "sampling": {"seed": 1, "temperature": 1.0}}
+    k = call_key("refine", req, ident)
+    assert k == call_key("refine", dict(reversed(list(req.items()))), ident)
+    assert k != call_key("refine", {**req, "sampling": {"seed": 2, "temperature": 1.0}}, ident)
+    assert k != call_key("refine", {**req, "sampling": {"seed": 1, "temperature": 0.5}}, ident)
+    assert k != call_key("refine", req, {**ident, "revision": "r2"})
+    assert k != call_key("refine", req, {**ident, "logic_version": "v2"})
+    assert k != call_key("judge", req, ident)
+    cache = LLMCallCache(tmp_path / "llm")
+    assert cache.get(k) is None
+    cache.put(k, {"results": [1, 2]})
+    assert cache.get(k) == {"results": [1, 2]}
+    assert (tmp_path / "llm" / k[:2] / f"{k}.json").is_file()
+    (tmp_path / "llm" / k[:2] / f"{k}.json").write_text("{not json")
+    assert cache.get(k) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # The real app on Ray with the tiny model.
 
 
 @pytest.fixture(scope="module")
 def refiner(ray_local):
-    """The tiny-model refiner, deployed once for the module on a free port; Serve shut down after."""
+    """The tiny-model refiner, deployed once for the module on a free port with an API key; Serve shut down after."""
     from middo_ray.refine import refiner_url, start_refiner, stop_refiner
 
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = KEY
     cfg = build_config({"model": {"base": "tiny"}, "refine": {
         "http_port": _free_port(), "batch_size": 3, "max_concurrency": 2, "max_new_tokens": 16,
-        "cpus_per_replica": 1.0, "app_name": "middo-refiner-test"}})
+        "cpus_per_replica": 1.0, "app_name": "middo-refiner-test", "api_key_env": KEY_ENV}})
     handle = start_refiner(cfg, health_timeout_s=120)
     try:
         yield cfg, handle, refiner_url(cfg)
     finally:
         stop_refiner(cfg)
+        if old is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = old
 
 
 @pytest.mark.ray
@@ -196,7 +350,8 @@ def test_refine_http_every_operation_accounts_for_every_sample(refiner, operatio
     _, _, url = refiner
     body = {"operation": operation, "samples": _samples(4, prefix=operation),
             "sampling": {"max_new_tokens": 16, "temperature": 1.0, "seed": 3}, "max_retries": 1}
-    resp = httpx.post(f"{url}/v1/refine", json=body, timeout=120)
+    assert httpx.post(f"{url}/v1/refine", json=body, timeout=60).status_code == 401  # no key
+    resp = httpx.post(f"{url}/v1/refine", json=body, headers=AUTH, timeout=120)
     assert resp.status_code == 200, resp.text
     parsed = RefineResponse.model_validate(resp.json())
     assert parsed.operation == operation and parsed.model == "tiny"
@@ -211,17 +366,23 @@ def test_refine_http_every_operation_accounts_for_every_sample(refiner, operatio
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("body", [
-    {"operation": "simplify", "samples": []},
-    {"operation": "paraphrase", "samples": [{"instruction": "x"}]},
-    {"operation": "simplify", "samples": [{"input": "no instruction"}]},
-    {"operation": "simplify", "samples": [{"instruction": "x"}], "sampling": {"temperature": -1}},
-    {"operation": "simplify", "samples": [{"instruction": "x"}], "unknown_field": 1},
+@pytest.mark.parametrize("body,field", [
+    ({"operation": "simplify", "samples": []}, "body.samples"),
+    ({"operation": "paraphrase", "samples": [{"instruction": "x"}]}, "body.operation"),
+    ({"operation": "simplify", "samples": [{"input": "no instruction"}]}, "body.samples.0.instruction"),
+    ({"operation": "simplify", "samples": [{"instruction": "x"}], "sampling": {"temperature": -1}},
+     "body.sampling.temperature"),
+    ({"operation": "simplify", "samples": [{"instruction": "x"}], "unknown_field": 1}, "body.unknown_field"),
 ])
-def test_refine_http_malformed_body_is_422(refiner, body):
-    """Bodies that break the RefineRequest contract are rejected with 422 before any generation."""
+def test_refine_http_malformed_body_is_422(refiner, body, field):
+    """Bodies that break the RefineRequest contract are rejected with 422 before any generation, with a
+    message that names the offending field and points at the schema."""
     _, _, url = refiner
-    assert httpx.post(f"{url}/v1/refine", json=body, timeout=60).status_code == 422
+    resp = httpx.post(f"{url}/v1/refine", json=body, headers=AUTH, timeout=60)
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert err["type"] == "invalid_request_error" and "/openapi.json" in err["message"]
+    assert f"{field}:" in err["message"], err["message"]
 
 
 @pytest.mark.ray
@@ -232,7 +393,7 @@ def test_synthesize_without_two_hints_fails_per_item(refiner):
     body = {"operation": "synthesize", "samples": [
         {"sample_id": "a", "instruction": "Explain tides.", "hints": ["only one"]},
         {"sample_id": "b", "instruction": "Explain wind.", "hints": ["Describe rain.", "Describe snow."]}]}
-    resp = httpx.post(f"{url}/v1/refine", json=body, timeout=120)
+    resp = httpx.post(f"{url}/v1/refine", json=body, headers=AUTH, timeout=120)
     assert resp.status_code == 200
     first, second = resp.json()["results"]
     assert first["sample_id"] == "a" and first["status"] == "failed" and "two hint" in first["reason"]
@@ -274,7 +435,7 @@ def test_handle_and_http_share_logic_and_are_seeded(refiner):
     body = {"operation": "improve", "samples": _samples(2, prefix="d"),
             "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 11}, "max_retries": 0}
     via_handle = handle.refine.remote(body).result(timeout_s=120)
-    via_http = httpx.post(f"{url}/v1/refine", json=body, timeout=120).json()
+    via_http = httpx.post(f"{url}/v1/refine", json=body, headers=AUTH, timeout=120).json()
     assert via_handle == via_http
 
 
@@ -287,6 +448,87 @@ def test_refine_jobs_rejects_malformed_jobs(refiner):
     cfg, handle, _ = refiner
     with pytest.raises(ValueError, match="lacks"):
         refine_jobs([{"sample_id": "x", "instruction": "y"}], handle, cfg.refine, seed=0)
+
+
+def _jobs(n: int, tag: str) -> list[dict]:
+    out = []
+    for i in range(n):
+        op = OPERATIONS[i % 3]
+        out.append({"sample_id": f"{tag}{i}", "operation": op, "instruction": f"Task {i}: describe item {tag}{i}.",
+                    "input": "", "output": f"old answer {i}",
+                    "hints": ["Describe rain.", "Describe snow."] if op == "synthesize" else []})
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_refine_jobs_cache_makes_a_rerun_call_nothing(refiner, tmp_path):
+    """With a cache directory the second run of the same jobs is answered entirely from the cache (refine
+    and re-judge calls alike) and gives identical results; a different seed misses."""
+    from middo_ray.refine import refine_jobs
+
+    cfg, handle, _ = refiner
+    jobs = _jobs(7, "c")
+    first = refine_jobs(jobs, handle, cfg.refine, seed=5, cache_dir=tmp_path / "llm")
+    calls = first.counts["requests"] + first.counts["judge_requests"]
+    assert first.counts["cache_hits"] == 0 and first.counts["cache_misses"] == calls
+    assert len(list((tmp_path / "llm").rglob("*.json"))) == calls
+    second = refine_jobs(jobs, handle, cfg.refine, seed=5, cache_dir=tmp_path / "llm")
+    assert second.counts["cache_hits"] == calls and second.counts["cache_misses"] == 0
+    assert second.results == first.results
+    third = refine_jobs(jobs, handle, cfg.refine, seed=6, cache_dir=tmp_path / "llm")
+    assert third.counts["cache_hits"] == 0
+    off = cfg.refine.model_copy(update={"cache": False})
+    assert refine_jobs(jobs, handle, off, seed=5, cache_dir=tmp_path / "llm").counts["cache_hits"] == 0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_refine_jobs_timeout_fails_items_and_keeps_originals(refiner, tmp_path):
+    """A request that does not answer within refine.request_timeout_s fails its items with a reason naming
+    the setting (the caller keeps the originals); nothing is cached for it, and the stage does not stop."""
+    from middo_ray.refine import refine_jobs
+
+    cfg, handle, _ = refiner
+    slow = cfg.refine.model_copy(update={"request_timeout_s": 0.01, "max_new_tokens": 64, "max_retries": 3,
+                                         "accept": "none"})
+    jobs = _jobs(6, "t")
+    out = refine_jobs(jobs, handle, slow, seed=1, cache_dir=tmp_path / "llm")
+    assert [r["sample_id"] for r in out.results] == [j["sample_id"] for j in jobs]
+    assert all(r["status"] == "failed" and "refine.request_timeout_s" in r["reason"]
+               and r["instruction"] == "" for r in out.results)
+    assert out.counts["timeouts"] == out.counts["requests"] and out.counts["failed"] == 6
+    assert not list((tmp_path / "llm").rglob("*.json"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_refine_jobs_rejudges_rewrites_before_accepting(refiner):
+    """Every valid rewrite is judged with its original: with min_score 0 all are kept and carry both scores;
+    with min_score 10 (the tiny judge scores about 4.5) every one is rejected, keeping the original."""
+    from middo_ray.refine import refine_jobs
+
+    cfg, handle, _ = refiner
+    jobs = _jobs(9, "j")
+    base = cfg.refine.model_copy(update={"max_retries": 2})
+    keep = refine_jobs(jobs, handle, base.model_copy(update={"accept": "min_score", "accept_min_score": 0.0}), seed=3)
+    none = refine_jobs(jobs, handle, base.model_copy(update={"accept": "none"}), seed=3)
+    ok = [i for i, r in enumerate(none.results) if r["status"] == "ok"]
+    assert ok, "the tiny model produced no valid rewrite to judge; pick another seed"
+    assert keep.counts["judged"] == len(ok) and keep.counts["rejected"] == 0
+    for i, r in enumerate(keep.results):
+        if i in ok:
+            assert r["status"] == "ok" and r["instruction"] == none.results[i]["instruction"]
+            assert 0.0 <= r["quality_before"] <= 10.0 and 0.0 <= r["quality_after"] <= 10.0
+        else:
+            assert r["status"] == "failed" and r["quality_after"] is None
+    strict = refine_jobs(jobs, handle, base.model_copy(update={"accept": "min_score", "accept_min_score": 10.0}),
+                         seed=3)
+    assert strict.counts["rejected"] == len(ok) and strict.counts["ok"] == 0
+    for i in ok:
+        r = strict.results[i]
+        assert r["status"] == "failed" and r["reason"].startswith("rejected by re-judge")
+        assert "accept_min_score" in r["reason"] and r["instruction"] == "" and r["quality_after"] is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +561,7 @@ def test_smollm2_simplify_over_http(refiner):
                     "samples": [{"sample_id": f"smol{i}", "instruction": originals[i]}],
                     "sampling": {"max_new_tokens": 96, "temperature": 0.7, "top_p": 0.9, "seed": i},
                     "max_retries": 0}
-            return httpx.post(f"{url}/v1/refine", json=body, timeout=900)
+            return httpx.post(f"{url}/v1/refine", json=body, headers=AUTH, timeout=900)
 
         with ThreadPoolExecutor(2) as pool:
             responses = list(pool.map(send, range(2)))
