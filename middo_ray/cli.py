@@ -1,4 +1,4 @@
-"""The `middo` command: run the loop, prepare the embedded model, check a config."""
+"""The `middo` command: run the loop, prepare the embedded model, check a config, audit the data."""
 
 from __future__ import annotations
 
@@ -33,7 +33,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct once and cache it")
     rep = sub.add_parser("report", help="(re)build the HTML report of a run directory")
     rep.add_argument("run_dir")
+    aud = sub.add_parser("audit", help="inject known defects into a copy of the data, diagnose it, and report "
+                                       "how well each axis finds them (precision, recall, AUROC)")
+    _add_config_args(aud)
+    aud.add_argument("--fraction", type=float, default=0.1, help="share of the rows made defective (default 0.1)")
+    aud.add_argument("--seed", type=int, default=0, help="seed of the injection (default 0)")
+    aud.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/audit_<run_id>)")
+    aud.add_argument("--model", default=None, help="current model M_t to diagnose with (default: model.base)")
+    aud.add_argument("--kinds", default=None, help="comma-separated defect kinds (default: all of them)")
+    aud.add_argument("--dup-threshold", type=float, default=None,
+                     help="similarity at which the duplicate check flags a row (default 0.95)")
+    aud.add_argument("--verbose", "-v", action="store_true")
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """`middo audit`: checks the audit arguments and the config together, then runs the audit."""
+    from middo_ray.audit import DEFAULT_DUP_THRESHOLD, DEFAULT_KINDS, AuditError, check_audit_args, run_audit
+    from middo_ray.config import ConfigError, load_config
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else DEFAULT_KINDS
+    dup = DEFAULT_DUP_THRESHOLD if args.dup_threshold is None else args.dup_threshold
+    problems = []
+    try:
+        check_audit_args(args.fraction, kinds)
+    except AuditError as exc:
+        problems.append(str(exc))
+    if not 0 < dup <= 1:
+        problems.append(f"--dup-threshold must be in (0, 1] (got {dup})")
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if problems:
+        print("middo audit: " + "\n".join(problems), file=sys.stderr)
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        run_audit(cfg, fraction=args.fraction, seed=args.seed, out_dir=args.out, model=args.model, kinds=kinds,
+                  dup_threshold=dup)
+    except (AuditError, FileNotFoundError) as exc:
+        print(f"middo audit: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(ensure_smollm2())
         return 0
+    if args.command == "audit":
+        return _audit(args)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as exc:

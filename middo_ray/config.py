@@ -52,7 +52,19 @@ class DiagnoseConfig(_Section):
     num_actors: int | None = Field(None, ge=1, description="Diagnosis actors per model; default: one per GPU, or 1 on CPU.")
     cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs reserved per actor (fractional avoids the 2-CPU deadlock).")
     knn_k: int = Field(2, ge=1, description="Neighbours for the diversity score (the reference's top_k=2).")
+    knn_method: Literal["auto", "exact", "faiss"] = Field(
+        "auto", description="kNN search: 'exact' (blocked, no N x N matrix), 'faiss' (approximate IVF index), "
+                            "'auto' = exact up to knn_exact_max_n samples, FAISS above.")
+    knn_exact_max_n: int = Field(50_000, ge=1, description="Largest N searched exactly when knn_method='auto'.")
     judge: bool = Field(True, description="Compute the self-judge quality scores (6 judgements per sample).")
+    judge_mode: Literal["prob", "generate"] = Field(
+        "prob", description="'prob': expected score from the model's distribution over the score tokens (one "
+                            "forward pass); 'generate': the paper's generate (temperature judge_temperature) and "
+                            "parse a 0-10 score, unparseable answers recorded as missing.")
+    judge_temperature: float = Field(0.1, ge=0.0, description="Sampling temperature of judge_mode='generate' (paper: 0.1).")
+    judge_max_new_tokens: int = Field(8, ge=1, description="Tokens generated per judgement in judge_mode='generate'.")
+    ifd: bool = Field(True, description="Also compute IFD = loss(response | instruction) / loss(response | empty "
+                                        "prompt) under the current model (Cherry LLM / Superfiltering).")
 
 
 class SelectConfig(_Section):
@@ -61,26 +73,98 @@ class SelectConfig(_Section):
     quality_m: float = Field(1.0, description="Low quality iff mean judge score < mu - m*sigma.")
     axes: list[Literal["complexity", "diversity", "quality"]] = Field(
         ["complexity", "diversity", "quality"], description="Axes to act on.")
+    mode: Literal["sigma", "budget"] = Field(
+        "sigma", description="'sigma': the spec's mean +/- m*sigma rules; 'budget': flag at most budget_fraction "
+                             "of the samples per axis, worst first (still only those beyond the sigma rule "
+                             "when budget_within_sigma is true).")
+    budget_fraction: float = Field(0.1, gt=0.0, le=1.0, description="Largest fraction flagged per axis in mode='budget'.")
+    budget_within_sigma: bool = Field(False, description="In mode='budget', flag only samples the sigma rule also flags.")
+    quality_use_ifd: bool = Field(False, description="Quality axis also flags samples whose IFD > ifd_max "
+                                                     "(response barely helped by its instruction).")
+    ifd_max: float = Field(1.0, gt=0.0, description="IFD above this marks a response its instruction does not explain.")
 
 
 class RefineConfig(_Section):
-    engine: Literal["transformers"] = Field("transformers", description="Engine of the refiner LLM in the Serve app.")
-    model: str | None = Field(None, description="Refiner/teacher model ('smollm2', 'tiny' or an HF path); default: model.base.")
+    # The teacher/judge engine.
+    engine: Literal["transformers", "openai"] = Field(
+        "transformers", description="Engine of the refiner LLM: 'transformers' (the model runs in the Serve replicas) or "
+                                    "'openai' (an external OpenAI-compatible endpoint at openai_base_url).")
+    model: str | None = Field(None, description="Refiner/teacher model ('smollm2', 'tiny', an HF path, or the endpoint's "
+                                                "model name for engine 'openai'); default: model.base.")
+    openai_base_url: str | None = Field(None, description="engine 'openai': base URL of the endpoint, e.g. https://host/v1.")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the environment variable "
+                                                                  "holding the endpoint's API key (never the key itself).")
+    openai_prefill: bool = Field(False, description="engine 'openai': the endpoint continues an assistant prefix "
+                                                    "(continue_final_message; vLLM and this app do, the hosted OpenAI API does not).")
+    openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight to the endpoint per replica.")
+    # Sampling and validation of rewrites.
     max_new_tokens: int = Field(160, ge=1, description="Token cap of each generated prompt or answer.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of rewrites (reference: 1.0).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (reference: 1.0).")
     max_retries: int = Field(1, ge=0, description="Extra attempts when an output fails validation; then the original is kept.")
     prefill_marker: bool = Field(True, description="Begin the teacher's rewrite with the marker (needed for small teachers; "
                                                    "false = the reference's free four-step answer).")
+    # Acceptance: every valid rewrite is re-judged by the refiner's model before it replaces anything.
+    accept: Literal["none", "not_worse", "min_score"] = Field(
+        "not_worse", description="Re-judge rule: 'not_worse' keeps a rewrite whose judged quality is at least the "
+                                 "original's minus accept_tolerance; 'min_score' keeps one scoring at least "
+                                 "accept_min_score; 'none' keeps every valid rewrite unjudged.")
+    accept_min_score: float = Field(5.0, ge=0.0, le=10.0, description="accept='min_score': lowest judged quality (0-10) kept.")
+    accept_tolerance: float = Field(0.0, ge=0.0, le=10.0, description="accept='not_worse': how much lower than the "
+                                                                        "original a rewrite may score.")
+    judge_mode: Literal["auto", "prob", "generate"] = Field(
+        "auto", description="Re-judge mode: 'prob' (expected score from token probabilities), 'generate' (parse a "
+                            "generated number), 'auto' = prob when the engine gives probabilities, else generate.")
+    # Calls from the refine stage.
     batch_size: int = Field(8, ge=1, description="Samples per request to the Serve app.")
     max_concurrency: int = Field(4, ge=1, description="Requests in flight from the refine stage to the Serve app.")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the refiner deployment.")
+    request_timeout_s: float = Field(900.0, gt=0, description="A request that has not answered this many seconds after "
+                                                              "it was sent fails its items (originals kept, reason recorded).")
+    cache: bool = Field(True, description="Cache LLM calls by content (request, model, revision, sampling) in the run "
+                                          "directory, so a rerun or resumed run repeats none.")
+    # The Serve deployment.
+    num_replicas: int = Field(1, ge=1, description="Replicas of the refiner deployment (fixed; see autoscale).")
+    autoscale: bool = Field(False, description="Let Serve scale replicas between min_replicas and max_replicas "
+                                               "(clusters); num_replicas is then ignored.")
+    min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas (0 lets the app scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="autoscale: most replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscale: ongoing requests per replica Serve aims for.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once (batched together).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more are refused "
+                                                           "with 503 and Retry-After.")
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After (seconds) sent with a 503.")
+    batch_max_rows: int = Field(16, ge=1, description="Most prompts in one dynamic batch (one forward batch) of the engine.")
+    batch_wait_s: float = Field(0.01, ge=0, description="How long a dynamic batch waits to fill up.")
+    # HTTP limits and security.
+    max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples in one refine/judge request (413 above).")
+    max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens one request may ask to generate per item (413 above).")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="HTTP: largest request body in bytes (413 above).")
+    api_key_env: str = Field("MIDDO_SERVE_API_KEY", description="NAME of the environment variable holding the app's API "
+                                                                "key (clients send 'Authorization: Bearer <key>'). "
+                                                                "Required when http_host is not a loopback address.")
+    log_text: bool = Field(False, description="Log sample text at debug level (off: logs carry counts and ids only).")
     app_name: str = Field("middo-refiner", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="HTTP route prefix of the Serve app.")
     http_host: str = Field("127.0.0.1", description="Serve HTTP host.")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port.")
+
+    @model_validator(mode="after")
+    def _refine_checks(self) -> "RefineConfig":
+        problems = []
+        if self.engine == "openai" and not self.openai_base_url:
+            problems.append("engine 'openai' needs refine.openai_base_url (e.g. https://host/v1)")
+        if self.engine == "openai" and self.judge_mode == "prob":
+            problems.append("engine 'openai' gives no token probabilities; set refine.judge_mode to 'generate' or 'auto'")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            problems.append(f"refine.max_new_tokens={self.max_new_tokens} exceeds refine.max_new_tokens_limit="
+                            f"{self.max_new_tokens_limit}; raise the limit or lower max_new_tokens")
+        if self.autoscale and self.min_replicas > self.max_replicas:
+            problems.append("refine.min_replicas must not exceed refine.max_replicas")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TrainConfig(_Section):
@@ -94,12 +178,202 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warm-up fraction of steps, then cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     from_previous: bool = Field(False, description="Continue from the last round's model instead of the base (reference: base).")
+    method: Literal["full", "lora"] = Field(
+        "full", description="'full': every weight is trained (reference); 'lora': low-rank adapters (peft) on a frozen model.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' (every linear layer but the output head: "
+                                  "attention and MLP projections), a list of module names such as [q_proj, v_proj], "
+                                  "or a regex on module paths.")
+    lora_save: Literal["merged", "adapter"] = Field(
+        "merged", description="LoRA result: 'merged' into the weights (a plain checkpoint that transformers and vLLM "
+                              "load) or 'adapter' (adapter_config.json + weights; the loop loads base + adapter).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': a model replica per worker; 'fsdp': parameters, gradients and optimizer state "
+                           "sharded over the workers (torch FSDP2), for models that do not fit one device.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision (master weights stay fp32): 'auto' = bf16 on GPUs that support it, "
+                            "fp32 otherwise; 'bf16' also works on CPUs (autocast).")
+    storage_path: str | None = Field(
+        None, description="Ray Train run storage for checkpoints: None = the round's train directory; a local path "
+                          "(shared by all nodes on a cluster) or a URI such as s3://bucket/prefix.")
+    checkpoint_every_steps: int = Field(
+        100, ge=0, description="Write a resumable checkpoint (model, optimizer, scheduler, step, RNG, data position) "
+                               "every this many optimizer steps; 0 = only the final model.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts after a worker dies, each from the last checkpoint (-1 = unlimited).")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainConfig":
+        problems = []
+        if self.lora_save == "adapter" and self.method != "lora":
+            problems.append("train.lora_save=adapter needs train.method=lora (full fine-tuning always saves a "
+                            "full checkpoint); set train.method=lora or train.lora_save=merged")
+        if self.method == "lora" and self.lora_save == "adapter" and self.from_previous:
+            problems.append("train.lora_save=adapter with train.from_previous=true would stack an adapter on a "
+                            "merged model that exists nowhere on disk; set train.lora_save=merged")
+        if self.strategy == "fsdp" and self.num_workers < 2:
+            problems.append("train.strategy=fsdp shards the model over workers and needs train.num_workers >= 2; "
+                            "raise train.num_workers or use train.strategy=ddp")
+        if isinstance(self.lora_target_modules, list) and not self.lora_target_modules:
+            problems.append("train.lora_target_modules is an empty list; name modules (e.g. [q_proj, v_proj]) "
+                            "or use 'all-linear'")
+        if self.storage_path is not None and not self.storage_path.strip():
+            problems.append("train.storage_path is empty; use null for the run directory, a path, or a URI")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# Benchmarks the evaluation harness knows (middo_ray.evalsuite implements one loader and scorer each),
+# with the file each reads by default inside eval.data_dir (the layout of ../shared/data/eval).
+EVAL_BENCHMARK_FILES: dict[str, str] = {
+    "gsm8k": "gsm8k_test.jsonl",
+    "math500": "math500_test.jsonl",
+    "math": "math_test.jsonl",
+    "arc_challenge": "arc_challenge_test.jsonl",
+    "arc_easy": "arc_easy_test.jsonl",
+    "mmlu": "mmlu.zip",
+    "humaneval": "HumanEval.jsonl.gz",
+    "mbpp": "mbpp.jsonl",
+}
+# Few-shot examples from a train split, where the data has one beside the test file.
+EVAL_SHOT_FILES: dict[str, str] = {"gsm8k": "gsm8k_train.jsonl"}
+EVAL_METRICS = ("heldout_loss", "mc_accuracy", "average")
+
+
+def default_eval_data_dir() -> Path:
+    """``../shared/data/eval`` beside the project (where the public benchmark files live)."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+
+
+class EvalSuiteConfig(_Section):
+    enabled: bool = Field(False, description="Score this benchmark after each training; naming the suite under "
+                                             "eval.suites (or any of its keys) turns it on.")
+    limit: int | None = Field(100, ge=1, description="Items scored: a deterministic subset drawn with eval.seed "
+                                                     "(null = every item).")
+    few_shot: int | None = Field(None, ge=0, description="Solved examples shown as earlier turns; default per "
+                                                         "benchmark: gsm8k 4, math/math500 4, mbpp 3, others 0.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Generation cap (generated benchmarks); default: "
+                                                               "gsm8k 256, math/math500 384, humaneval/mbpp 384.")
+    path: str | None = Field(None, description="Benchmark file; default: its conventional file in eval.data_dir.")
+    shots_path: str | None = Field(None, description="File of few-shot examples; default: the train split where "
+                                                     "the data has one (gsm8k_train.jsonl, MMLU's dev split), else "
+                                                     "the head of 'path', kept out of the scored items.")
+
+
+class EvalSuites(_Section):
+    gsm8k: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="GSM8K test: exact match of the final number.")
+    math500: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="MATH-500: normalised match of the final \\boxed{} answer.")
+    math: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="Full MATH test (5000): as math500.")
+    arc_challenge: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="ARC-Challenge: option log-likelihood.")
+    arc_easy: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="ARC-Easy: option log-likelihood.")
+    mmlu: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="MMLU test: log-likelihood of the option letter.")
+    humaneval: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="HumanEval: pass@1, tests run in a sandboxed subprocess.")
+    mbpp: EvalSuiteConfig = Field(default_factory=EvalSuiteConfig, description="MBPP test split: pass@1, tests run in a sandboxed subprocess.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_means_enabled(cls, data: Any) -> Any:
+        """``suites: [gsm8k, mmlu]`` or ``suites: {gsm8k: {limit: 50}}`` turns the named suites on."""
+        if isinstance(data, (list, tuple)):
+            data = {name: {} for name in data}
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            if value is None or value is True:
+                value = {"enabled": True}
+            elif value is False:
+                value = {"enabled": False}
+            elif isinstance(value, dict) and "enabled" not in value:
+                value = {**value, "enabled": True}
+            out[name] = value
+        return out
+
+    def enabled(self) -> dict[str, EvalSuiteConfig]:
+        """The suites turned on, in a fixed order."""
+        return {name: getattr(self, name) for name in EVAL_BENCHMARK_FILES if getattr(self, name).enabled}
 
 
 class EvalConfig(_Section):
     mc_path: str | None = Field("demo", description="Multiple-choice set {query, choices, gold} for accuracy: 'demo', a JSONL path, or null.")
     mc_limit: int | None = Field(200, ge=1, description="Use at most this many multiple-choice items.")
-    metric: Literal["heldout_loss", "mc_accuracy"] = Field("heldout_loss", description="Metric the plateau rule watches.")
+    metric: str = Field("heldout_loss", description="Metric the plateau rule watches: heldout_loss, mc_accuracy, the "
+                                                    "name of an enabled suite (e.g. gsm8k), or 'average' (unweighted "
+                                                    "mean of the enabled suites' scores).")
+    suites: EvalSuites = Field(default_factory=EvalSuites, description="Benchmarks scored after each training "
+                                                                       "(none by default); a list of names or a mapping of name to settings.")
+    data_dir: str | None = Field(None, description="Folder of the benchmark files; default: ../shared/data/eval beside the project.")
+    seed: int = Field(0, description="Seed of the benchmark subsets (fixed across runs, so rounds and runs compare).")
+    num_actors: int | None = Field(None, ge=1, description="Evaluation actors; default: one per GPU, or 1 on CPU.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs reserved per evaluation actor.")
+    rows_per_block: int = Field(32, ge=1, description="Items handed to an evaluation actor per Ray Data batch.")
+    gen_batch_size: int = Field(16, ge=1, description="Most prompts generated together (left-padded, similar lengths).")
+    max_prompt_tokens: int = Field(1536, ge=64, description="Prompt budget; few-shot examples are dropped (last first) until the prompt fits.")
+    code_timeout_s: float = Field(10.0, gt=0, description="Wall-time limit of one generated program and its tests.")
+    code_memory_mb: int = Field(1024, ge=64, description="Address-space limit of one generated program.")
+    code_cpus: float = Field(0.25, gt=0, description="Logical CPUs reserved per code-execution task.")
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir).expanduser() if self.data_dir else default_eval_data_dir()
+
+    def suite_file(self, name: str) -> Path:
+        """File of a benchmark: its ``path``, else the conventional file in the data dir."""
+        suite = getattr(self.suites, name)
+        return Path(suite.path).expanduser() if suite.path else self.resolved_data_dir() / EVAL_BENCHMARK_FILES[name]
+
+    def shots_file(self, name: str) -> Path | None:
+        """File of few-shot examples (None: the head of the benchmark file, or the zip's dev split for MMLU)."""
+        suite = getattr(self.suites, name)
+        if suite.shots_path:
+            return Path(suite.shots_path).expanduser()
+        default = EVAL_SHOT_FILES.get(name)
+        if default and not suite.path:
+            candidate = self.resolved_data_dir() / default
+            return candidate if candidate.is_file() else None
+        return None
+
+    @model_validator(mode="after")
+    def _check_suites(self) -> "EvalConfig":
+        problems: list[str] = []
+        enabled = self.suites.enabled()
+        if self.metric not in EVAL_METRICS and self.metric not in EVAL_BENCHMARK_FILES:
+            problems.append(f"eval.metric '{self.metric}' is unknown; use one of {', '.join(EVAL_METRICS)} or a "
+                            f"suite name ({', '.join(EVAL_BENCHMARK_FILES)})")
+        elif self.metric in EVAL_BENCHMARK_FILES and self.metric not in enabled:
+            problems.append(f"eval.metric is '{self.metric}' but that suite is not enabled; add it to eval.suites "
+                            f"(e.g. --set eval.suites.{self.metric}.enabled=true)")
+        elif self.metric == "average" and not enabled:
+            problems.append("eval.metric is 'average' but no suite is enabled; add suites to eval.suites")
+        elif self.metric == "mc_accuracy" and self.mc_path is None:
+            problems.append("eval.metric is 'mc_accuracy' but eval.mc_path is null; set eval.mc_path or another metric")
+        data_dir = self.resolved_data_dir()
+        by_dir = [name for name in enabled if not getattr(self.suites, name).path]
+        if by_dir and not data_dir.is_dir():
+            # One message for the common cause instead of one per suite.
+            problems.append(f"eval.data_dir '{data_dir}' is not a folder (suites {', '.join(by_dir)} read their "
+                            "files from it); set eval.data_dir to the folder of the benchmark files (the layout "
+                            "of ../shared/data/eval), or give each suite a path")
+        for name in enabled:
+            path = self.suite_file(name)
+            if name in by_dir and not data_dir.is_dir():
+                continue
+            if not path.is_file():
+                where = (f"eval.suites.{name}.path" if getattr(self.suites, name).path else
+                         f"eval.data_dir (now {self.resolved_data_dir()}) to the folder holding "
+                         f"{EVAL_BENCHMARK_FILES[name]}, or eval.suites.{name}.path")
+                problems.append(f"eval.suites.{name}: benchmark file '{path}' does not exist; set {where}")
+            shots = getattr(self.suites, name).shots_path
+            if shots and not Path(shots).expanduser().is_file():
+                problems.append(f"eval.suites.{name}.shots_path: '{shots}' does not exist; point it to a file of "
+                                "the benchmark's format, or remove it to use the default examples")
+        if problems:
+            # One bullet per problem in the ConfigError listing.
+            raise ValueError("\n  - ".join(problems))
+        return self
 
 
 class ConvergeConfig(_Section):

@@ -183,21 +183,42 @@ def stage_data(cfg: MiddoConfig, stage: Stage) -> dict:
 
 
 def stage_train(cfg: MiddoConfig, stage: Stage, rows: list[dict], init_model: str) -> dict:
+    """Trains the round's model; a training cut off by a crash of the driver resumes from its checkpoint.
+
+    The Ray Train run is named after the run and the round, so a rerun of an unfinished round finds the
+    checkpoints of the interrupted one (in the stage directory, or in ``train.storage_path``) and continues
+    from the last of them instead of starting over; ``run.resume=false`` starts afresh.
+    """
     from middo_ray.train import train_sft
 
+    run_name = f"{cfg.run.run_id}-{stage.dir.parent.name}" if stage.resume else None
+    storage = stage.dir / "ray_train"
+    parked = stage.dir.parent / ".ray_train.resume"
+    # stage.start() clears a half-written stage; keep the interrupted training's checkpoints through it.
+    if run_name and cfg.train.storage_path is None and storage.is_dir():
+        shutil.rmtree(parked, ignore_errors=True)
+        storage.rename(parked)
     d = stage.start()
-    log.info("train: SFT of %s on %d samples (Ray Train, %d worker(s))", init_model, len(rows), cfg.train.num_workers)
-    info = train_sft(rows, cfg, d, init_model)
+    if parked.is_dir():
+        parked.rename(d / "ray_train")
+    log.info("train: SFT of %s on %d samples (Ray Train, %d worker(s), %s, %s)", init_model, len(rows),
+             cfg.train.num_workers, cfg.train.method, cfg.train.strategy)
+    info = train_sft(rows, cfg, d, init_model, run_name=run_name)
     info["init_model"] = init_model
-    stage.finish(info)
+    # Per-step lists stay in train/train_result.json; the stage record and manifests keep the scalars.
+    stage.finish({k: v for k, v in info.items() if k not in ("step_seconds", "step_input_tokens")})
     return info
 
 
 def stage_eval(cfg: MiddoConfig, stage: Stage, model_dir: str, heldout: list[dict]) -> dict:
+    """Scores the round's model on Ray Data: held-out loss, MC set, suites (flat dict, also in the manifest).
+
+    ``eval/predictions.jsonl`` keeps every scored item (extracted answer, output, score) for inspection.
+    """
     from middo_ray.evaluate import evaluate_remote
 
-    stage.start()
-    metrics = evaluate_remote(model_dir, heldout, cfg)
+    d = stage.start()
+    metrics = evaluate_remote(model_dir, heldout, cfg, out_dir=d)
     stage.finish(metrics)
     log.info("eval: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
     return metrics
@@ -244,7 +265,7 @@ def stage_select(cfg: MiddoConfig, stage: Stage, rows: list[dict], cols: dict) -
               d / "flags.parquet")
     info = {"thresholds": thresholds, "counts": counts}
     stage.finish(info)
-    log.info("select: flagged %s", {a: c["flagged"] for a, c in counts.items() if a != "any"})
+    log.info("select: flagged %s", {a: counts[a]["flagged"] for a in ("complexity", "diversity", "quality")})
     return info
 
 
@@ -440,7 +461,8 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
             manifest = _round_manifest(cfg, k, stages, {
                 "timings": timings,
                 "rows": {"in": stages["merge"]["in"], "out": stages["merge"]["out"]},
-                "flags": {a: c["flagged"] for a, c in stages["select"]["counts"].items() if a != "any"},
+                "flags": {a: stages["select"]["counts"][a]["flagged"] for a in ("complexity", "diversity", "quality")},
+                "selection": stages["select"]["counts"],
                 "thresholds": stages["select"]["thresholds"],
                 "metric": {cfg.eval.metric: stages["eval"].get(cfg.eval.metric),
                            "previous": history[-2].get(cfg.eval.metric)},
@@ -467,12 +489,13 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
     out_path = final / f"optimized{ext}"
     io.write_dataset(rows, out_path, fmt, style)
     io.write_lineage(rows, final / "lineage.parquet")
+    exports = write_exports(rows, final)
     summary = {
         "run_id": cfg.run.run_id, "run_dir": str(root), "rounds": k, "stop_reason": reason,
         "metric": cfg.eval.metric, "history": history, "best_round": best,
         "best_dataset": str((root / f"round_{best}" / ("merge" if best else "data") / "dataset.parquet")),
         "sizes": [len(d) for d in datasets], "optimized_dataset": str(out_path),
-        "lineage": str(final / "lineage.parquet"),
+        "lineage": str(final / "lineage.parquet"), "exports": exports,
         "origins": {o: sum(r["origin"] == o for r in rows) for o in ("seed", "complexity", "quality", "diversity")},
         "seconds": round(time.time() - t_start, 1),
     }
@@ -482,3 +505,28 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
     summary["report"] = str(build_report(root))
     log.info("done after %d round(s): %s; optimized dataset: %s", k, reason, out_path)
     return summary
+
+
+# Name of the final dataset in LLaMA-Factory's dataset_info.json (``dataset: middo_optimized``).
+LLAMAFACTORY_NAME = "middo_optimized"
+
+
+def write_exports(rows: list[dict], final: Path) -> dict[str, str]:
+    """Writes the final dataset for the trainers people already use, next to ``optimized.*``.
+
+    - ``final/llamafactory/``: ``middo_optimized.json`` (alpaca) and its ``dataset_info.json`` entry;
+      train on it with ``dataset_dir: <that dir>`` and ``dataset: middo_optimized``.
+    - ``final/messages.jsonl``: OpenAI-style ``{"messages": [...]}`` lines, which TRL's ``SFTTrainer``
+      reads (``load_dataset("json", data_files=...)``).
+
+    Returns:
+        Paths by export: ``llamafactory_dir``, ``llamafactory_dataset`` (the name), ``llamafactory_file``
+        and ``trl_messages``.
+    """
+    from middo_ray import io
+
+    lf_dir = final / "llamafactory"
+    lf_file = io.export_llamafactory(rows, lf_dir, LLAMAFACTORY_NAME)
+    trl = io.export_messages_jsonl(rows, final / "messages.jsonl")
+    return {"llamafactory_dir": str(lf_dir), "llamafactory_dataset": LLAMAFACTORY_NAME,
+            "llamafactory_file": str(lf_file), "trl_messages": str(trl)}
