@@ -25,7 +25,8 @@ TINY = "tiny"
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("MIDDO_CACHE", Path.home() / ".cache" / "middo-ray"))
+    # An empty MIDDO_CACHE counts as unset (Path("") would be the working directory).
+    root = Path(os.environ.get("MIDDO_CACHE") or Path.home() / ".cache" / "middo-ray")
     root.mkdir(parents=True, exist_ok=True)
     return root
 
