@@ -55,8 +55,35 @@ def ray_head():
     try:
         yield env, f"http://127.0.0.1:{dash}"
     finally:
-        _run([str(BIN / "ray"), "stop", "--force"], env, 120, check=False)
+        _stop_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_head(temp: str) -> None:
+    """Stops only the processes of this head (their command lines name its temp dir).
+
+    `ray stop --force` would kill every Ray instance on the machine, including a developer's own.
+    """
+    import psutil
+
+    ours = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp in (arg or "") for arg in proc.info["cmdline"] or []):
+                ours.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in ours:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=30)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_job_submit_runs_the_loop_and_leaves_outputs(ray_head, tmp_path):
