@@ -81,8 +81,13 @@ def judge_modes(model, tok, batch_tokens: int, rows_limit: int | None) -> dict:
     from middo_ray.diagnose import judge_generate
     from middo_ray.signals.quality import aggregate_quality
 
-    rows = read_dataset(resolve_data_path("demo")).rows[:rows_limit]
+    rows = read_dataset(resolve_data_path("demo")).rows
     defects = json.loads(Path(demo_path("defects")).read_text())
+    if rows_limit is not None:   # every known defect plus clean rows up to the limit, in file order
+        keep_clean = max(rows_limit - sum(r["sample_id"] in defects for r in rows), 0)
+        clean = [r for r in rows if r["sample_id"] not in defects][:keep_clean]
+        keep = {r["sample_id"] for r in clean} | set(defects)
+        rows = [r for r in rows if r["sample_id"] in keep]
     bad = np.asarray([r["sample_id"] in defects for r in rows])
     out = {}
     for mode in ("prob", "generate"):
@@ -110,7 +115,7 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "judge.json"))
     ap.add_argument("--modes", action="store_true", help="also compare judge_mode prob vs generate on the demo data")
-    ap.add_argument("--modes-rows", type=int, default=None, help="demo rows for --modes (default: all)")
+    ap.add_argument("--modes-rows", type=int, default=None, help="demo rows for --modes: all known defects plus clean rows up to this many (default: all rows)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = read_dataset(resolve_data_path(args.data)).rows[: args.rows]

@@ -113,8 +113,11 @@ def test_generate_judge_mode_records_failures_as_missing(ray_local, tiny_model):
 
 @pytest.mark.slow
 def test_generate_judge_parses_smollm2_scores():
-    """SmolLM2 answers the judge prompts with numbers: the generate mode parses them into [0, 10],
-    and the probability-weighted mode ranks samples in broadly the same order."""
+    """The generate mode parses the scores SmolLM2 writes into [0, 10] and records every other answer as
+    missing (NaN, never 0); the probability-weighted mode gives a score for every judgement.
+
+    SmolLM2-135M writes a leading number for only a minority of judge prompts at temperature 0.1, which
+    is why the probability-weighted mode is the default (docs/diagnosis.md)."""
     from middo_ray.diagnose import judge_generate, judge_scores
 
     model, tok = load_model("smollm2", "float32")
@@ -124,7 +127,7 @@ def test_generate_judge_parses_smollm2_scores():
             make_row("asdf qwer zxcv?", "I like turtles.")]
     gen = judge_generate(model, tok, rows, "default", 512, 4096, temperature=0.1, max_new_tokens=6, seed=0)
     ok = gen[np.isfinite(gen)]
-    assert ok.size >= gen.size // 2, gen
+    assert ok.size >= 1, gen
     assert ((ok >= 0) & (ok <= 10)).all()
     prob = judge_scores(model, tok, rows, "default", 512, 4096)
     assert np.isfinite(prob).all() and ((prob >= 0) & (prob <= 10)).all()

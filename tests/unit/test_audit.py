@@ -258,13 +258,16 @@ def test_audit_metrics_hand_computed():
     assert sig["suspicious"] == "low" and sig["auroc"] == 0.5 and sig["by_kind"] == {"a": 0.375, "b": 0.75}
 
 
-def test_cli_refuses_bad_audit_arguments_before_any_work(capsys):
+def test_cli_refuses_bad_audit_arguments_before_any_work():
     """`middo audit` with a bad fraction, an unknown kind and a config typo reports all three at once
-    and exits 2 without starting Ray."""
-    import ray
+    and exits 2 without starting Ray (checked in a fresh interpreter, whatever this session runs)."""
+    import subprocess
+    import sys
 
-    code = main(["audit", "--fraction", "0.9", "--kinds", "garbled,typo", "--set", "selct.quality_m=1"])
-    err = capsys.readouterr().err
-    assert code == 2
+    code = ("import sys, ray\nfrom middo_ray.cli import main\n"
+            "rc = main(['audit', '--fraction', '0.9', '--kinds', 'garbled,typo', '--set', 'selct.quality_m=1'])\n"
+            "print('RC', rc, 'RAY', ray.is_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 2 RAY False" in proc.stdout, proc.stdout + proc.stderr
+    err = proc.stderr
     assert "fraction must be in (0, 0.5]" in err and "typo" in err and "did you mean 'select'" in err
-    assert not ray.is_initialized()
