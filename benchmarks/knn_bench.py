@@ -3,15 +3,17 @@
 For each size, in a fresh subprocess (so peak memory is that size's own): synthetic embeddings
 that look like mean-pooled LM hidden states (see ``synthetic_embeddings``), ``knn_search(method='auto')``
 timed end to end, peak RSS, and recall@k against exact search for a random sample of query rows
-(their exact neighbours against the whole set, blocked). At sizes <= ``--exact-max`` the exact
-path over all rows is timed in the same run, side by side.
+(their exact neighbours against the whole set, blocked). Sizes up to ``--compare-max`` also run
+the other path side by side (exact vs FAISS list scan vs FAISS's own index scan).
 
     .venv/bin/python benchmarks/knn_bench.py --sizes 10000,100000
     .venv/bin/python benchmarks/knn_bench.py --sizes 10000,100000,1000000 --out benchmarks/results/knn.json
 
 Prints a table and writes JSON (default: benchmarks/results/knn.json). Peak memory is the child
-process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (whole-process high-water mark, including
-the embeddings themselves and the Python/numpy/FAISS runtime).
+process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` right after the search (whole-process
+high-water mark: the embeddings themselves, generator temporaries, and the Python/numpy/FAISS
+runtime). ``cpu_seconds`` (user + system of the child during the search) is reported beside wall
+seconds because on a shared machine wall time is inflated by other processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -92,32 +95,44 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _one_size(n: int, dim: int, k: int, seed: int, queries: int, method: str, conn) -> None:
-    """Child process: one size, one method; sends its row back through ``conn``."""
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _one_size(n: int, dim: int, k: int, seed: int, queries: int, method: str, opts: dict, conn) -> None:
+    """Child process: one size, one method; sends its flat row back through ``conn``."""
     try:
         t = time.perf_counter()
         x = synthetic_embeddings(n, dim, seed)
         t_gen = time.perf_counter() - t
         rss_data = _peak_rss_mb()
-        res = knn_search(x, k=k, method=method, exact_max_n=EXACT_MAX_N, seed=seed)
-        peak = _peak_rss_mb()
+        c = _cpu_seconds()
+        res = knn_search(x, k=k, method=method, exact_max_n=EXACT_MAX_N, seed=seed, **opts)
+        cpu = _cpu_seconds() - c
+        peak = _peak_rss_mb()                      # before the ground truth adds its own buffers
         rng = np.random.default_rng(seed + 1)
         q = np.sort(rng.choice(n, size=min(queries, n), replace=False))
         t = time.perf_counter()
         ex_idx, ex_sim = exact_neighbors(x, q, k=k)
         t_truth = time.perf_counter() - t
         info = res.info
+        ok = np.isfinite(res.avg_sim[q])
         row = {
-            "n": n, "dim": dim, "k": k, "method": info["method"], "requested": method,
-            "seconds": info["seconds"], "peak_rss_mb": round(peak, 1),
-            "data_mb": round(x.nbytes / 2**20, 1), "rss_after_data_mb": round(rss_data, 1),
+            "n": n, "dim": dim, "k": k, "method": info["method"],
+            "requested": method + ("" if not opts else ":" + ",".join(f"{a}={b}" for a, b in opts.items())),
+            "seconds": info["seconds"], "cpu_seconds": round(cpu, 1), "peak_rss_mb": round(peak, 1),
             "recall_at_k": round(recall_at_k(res.nbr_idx[q], ex_idx), 4),
-            "avg_sim_abs_err": float(np.nanmax(np.abs(res.avg_sim[q] - np.nanmean(ex_sim, axis=1)))),
-            "queries": len(q), "truth_seconds": round(t_truth, 2), "gen_seconds": round(t_gen, 2),
-            "nlist": info.get("nlist"), "nprobe": info.get("nprobe"), "train_size": info.get("train_size"),
-            "seconds_train": info.get("seconds_train"), "seconds_add": info.get("seconds_add"),
-            "seconds_search": info.get("seconds_search"), "exact_fallback_rows": info.get("exact_fallback_rows"),
-            "threads": info.get("threads"), "mean_avg_sim": round(float(np.nanmean(res.avg_sim)), 4),
+            "avg_sim_mean_abs_err": float(np.mean(np.abs(res.avg_sim[q][ok] - ex_sim[ok].mean(axis=1)))),
+            "avg_sim_max_abs_err": float(np.max(np.abs(res.avg_sim[q][ok] - ex_sim[ok].mean(axis=1)))),
+            "nlist": info.get("nlist"), "nprobe": info.get("nprobe"), "recall_estimate": info.get("recall_estimate"),
+            "tries": len(info.get("tries", [])) or None, "scan": info.get("scan"),
+            "seconds_train": info.get("seconds_train"), "seconds_check": info.get("seconds_check"),
+            "seconds_assign": info.get("seconds_assign"), "seconds_search": info.get("seconds_search"),
+            "exact_fallback_rows": info.get("exact_fallback_rows"), "threads": info.get("threads"),
+            "data_mb": round(x.nbytes / 2**20, 1), "rss_after_data_mb": round(rss_data, 1),
+            "queries": int(len(q)), "truth_seconds": round(t_truth, 2), "gen_seconds": round(t_gen, 2),
+            "mean_avg_sim": round(float(np.nanmean(res.avg_sim)), 4),
         }
         conn.send(row)
     except BaseException as e:  # report, never hang the parent
@@ -126,60 +141,68 @@ def _one_size(n: int, dim: int, k: int, seed: int, queries: int, method: str, co
         conn.close()
 
 
-def _run_child(n: int, dim: int, k: int, seed: int, queries: int, method: str) -> dict:
+def _run_child(n: int, dim: int, k: int, seed: int, queries: int, method: str, opts: dict | None = None) -> dict:
     ctx = mp.get_context("spawn")   # a fresh interpreter: ru_maxrss belongs to this size alone
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_one_size, args=(n, dim, k, seed, queries, method, child))
+    p = ctx.Process(target=_one_size, args=(n, dim, k, seed, queries, method, opts or {}, child))
     p.start()
     child.close()
     try:
         row = parent.recv()
     except EOFError:
-        row = {"n": n, "dim": dim, "k": k, "method": method, "error": "child died (out of memory?)"}
+        row = None
     p.join()
-    if p.exitcode not in (0, None) and "error" not in row:
+    if row is None:
+        why = " (SIGKILL: out of memory?)" if p.exitcode == -9 else ""
+        row = {"n": n, "dim": dim, "k": k, "method": method,
+               "error": f"child exited with code {p.exitcode} before reporting{why}"}
+    elif p.exitcode not in (0, None) and "error" not in row:
         row["error"] = f"child exit code {p.exitcode}"
     return row
 
 
 def bench_knn(sizes=(10_000, 100_000, 1_000_000), dim: int = 576, k: int = 2, seed: int = 0,
-              queries: int = 2000, exact_max: int = 10_000) -> list[dict]:
-    """One flat row per (size, method): ``method='auto'`` at every size, plus exact at sizes <= exact_max.
+              queries: int = 2000, compare_max: int = 10_000) -> list[dict]:
+    """One flat row per (size, method), each measured in a fresh subprocess.
 
-    Keys: n, dim, k, method, requested, seconds (knn_search end to end), peak_rss_mb, recall_at_k
-    (against exact neighbours of ``queries`` random rows), avg_sim_abs_err, FAISS parameters and
-    phase seconds (None for exact), and a few more.
+    Every size runs ``knn_search(method='auto')`` (exact up to 50,000 rows, FAISS above). Sizes up
+    to ``compare_max`` also run the other path side by side: FAISS (list scan, and FAISS's own
+    query-by-query index scan) when auto is exact, exact when auto is FAISS.
+
+    Row keys: n, dim, k, method, requested, seconds (knn_search wall, end to end), cpu_seconds,
+    peak_rss_mb (child ru_maxrss after the search), recall_at_k (vs exact neighbours of
+    ``queries`` random rows), avg_sim_mean_abs_err / avg_sim_max_abs_err, nlist, nprobe,
+    recall_estimate (the search's own check), tries, scan, phase seconds, and a few more.
     """
     rows = []
     for n in sizes:
-        methods = ["auto"] + (["exact"] if n <= exact_max and n > EXACT_MAX_N else [])
-        if n <= exact_max and n <= EXACT_MAX_N:
-            methods = ["auto", "faiss"]     # auto is exact here: compare with the FAISS path instead
-        for m in methods:
-            rows.append(_run_child(int(n), dim, k, seed, queries, m))
+        n = int(n)
+        runs = [("auto", {})]
+        if n <= compare_max:
+            runs += ([("faiss", {}), ("faiss", {"scan": "index"})] if n <= EXACT_MAX_N else [("exact", {})])
+        for method, opts in runs:
+            rows.append(_run_child(n, dim, k, seed, queries, method, opts))
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    cols = [("n", "{:>9}"), ("method", "{:>6}"), ("requested", "{:>9}"), ("seconds", "{:>8.1f}"),
-            ("peak_rss_mb", "{:>8.0f}"), ("recall_at_k", "{:>7.4f}"), ("avg_sim_abs_err", "{:>8.1e}"),
-            ("nlist", "{:>6}"), ("nprobe", "{:>6}"), ("seconds_train", "{:>7}"), ("seconds_add", "{:>7}"),
-            ("seconds_search", "{:>8}")]
-    heads = ["n", "method", "requested", "seconds", "peak MB", "recall", "|d sim|", "nlist", "nprobe",
-             "train s", "add s", "search s"]
-    widths = [len(f.format(0) if "d}" not in f and "f}" not in f and "e}" not in f else f.format(0)) for _, f in cols]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+COLUMNS = [("n", "n", "{:d}"), ("method", "method", "{}"), ("requested", "requested", "{}"),
+           ("seconds", "wall s", "{:.1f}"), ("cpu_seconds", "cpu s", "{:.1f}"), ("peak_rss_mb", "peak MB", "{:.0f}"),
+           ("recall_at_k", "recall@k", "{:.4f}"), ("avg_sim_max_abs_err", "max|d avg|", "{:.1e}"),
+           ("nlist", "nlist", "{}"), ("nprobe", "nprobe", "{}"), ("recall_estimate", "est", "{}"),
+           ("seconds_train", "train s", "{}"), ("seconds_assign", "assign s", "{}"),
+           ("seconds_search", "scan s", "{}")]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of the main columns (errors on their own line)."""
+    cells = [[h for _, h, _ in COLUMNS]]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['n']:>9}  {r['method']:>6}  ERROR {r['error']}")
+            cells.append([str(r.get("n")), str(r.get("method")), "ERROR: " + r["error"]] + [""] * (len(COLUMNS) - 3))
             continue
-        cells = []
-        for (key, fmt), w in zip(cols, widths):
-            v = r.get(key)
-            cells.append(str(v).rjust(w) if v is None or isinstance(v, str) and "s}" not in fmt and ">" not in fmt
-                         else (fmt.format(v) if v is not None else "-".rjust(w)))
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+        cells.append(["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in COLUMNS])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,16 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=576, help="embedding dimension (SmolLM2-135M: 576)")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--queries", type=int, default=2000, help="rows whose exact neighbours define recall")
-    ap.add_argument("--exact-max", type=int, default=10_000, help="also time the other path at sizes up to this")
+    ap.add_argument("--queries", type=int, default=2000, help="random rows whose exact neighbours define recall")
+    ap.add_argument("--compare-max", type=int, default=10_000,
+                    help="also run the other search path at sizes up to this")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "knn.json"))
     a = ap.parse_args(argv)
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
-    rows = bench_knn(sizes, a.dim, a.k, a.seed, a.queries, a.exact_max)
-    print(_table(rows))
+    rows = bench_knn(sizes, a.dim, a.k, a.seed, a.queries, a.compare_max)
+    print(format_table(rows))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=2))
+    out.write_text(json.dumps({"rows": rows, "args": vars(a), "cpus": len(os.sched_getaffinity(0))
+                               if hasattr(os, "sched_getaffinity") else os.cpu_count()}, indent=2))
     print(f"wrote {out}")
     return 0 if all("error" not in r for r in rows) else 1
 

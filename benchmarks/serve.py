@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=3, help="requests per client (at least 16 in all)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-rows", type=int, default=64, help="largest dynamic / direct batch")
-    ap.add_argument("--batch-wait-s", type=float, default=0.01)
+    ap.add_argument("--batch-wait-s", type=float, default=0.1)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="logical CPUs reserved for the replica")
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode and concurrency; the best is kept")
     ap.add_argument("--threads", type=int, default=1,

@@ -136,7 +136,9 @@ class RefineConfig(_Section):
                                                            "with 503 and Retry-After.")
     retry_after_s: float = Field(2.0, ge=0, description="Retry-After (seconds) sent with a 503.")
     batch_max_rows: int = Field(16, ge=1, description="Most prompts in one dynamic batch (one forward batch) of the engine.")
-    batch_wait_s: float = Field(0.01, ge=0, description="How long a dynamic batch waits to fill up.")
+    batch_wait_s: float = Field(0.1, ge=0, description="How long a dynamic batch waits to fill up (longer fills "
+                                                        "batches better when a batch takes seconds, as on CPU; "
+                                                        "shorter cuts latency on fast GPUs).")
     # HTTP limits and security.
     max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples in one refine/judge request (413 above).")
     max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens one request may ask to generate per item (413 above).")

@@ -303,7 +303,9 @@ def stage_refine(cfg: MiddoConfig, stage: Stage, jobs: list[dict], refiner: Refi
     d = stage.start()
     t0 = time.time()
     if jobs:
-        outcome = refine_jobs(jobs, refiner.get(), cfg.refine, seed=cfg.run.seed * 1000 + round_k)
+        # LLM calls are cached by content in the run directory: a rerun or resumed run repeats none.
+        outcome = refine_jobs(jobs, refiner.get(), cfg.refine, seed=cfg.run.seed * 1000 + round_k,
+                              cache_dir=stage.dir.parent.parent / "cache" / "llm")
         results, counts = outcome.results, outcome.counts
     else:
         results, counts = [], {}

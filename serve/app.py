@@ -47,7 +47,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -89,7 +89,7 @@ class RefinerArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more get 503.")
     retry_after_s: float = Field(2.0, ge=0, description="Retry-After seconds sent with a 503.")
     batch_max_rows: int = Field(16, ge=1, le=1024, description="Most rows in one dynamic batch.")
-    batch_wait_s: float = Field(0.01, ge=0, le=10, description="How long a dynamic batch waits to fill up.")
+    batch_wait_s: float = Field(0.1, ge=0, le=10, description="How long a dynamic batch waits to fill up.")
     max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples per refine/judge request (413).")
     max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens to generate per item (413).")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP: largest request body in bytes (413).")
@@ -121,13 +121,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _describe_errors(errors: list[dict]) -> str:
+    """'loc: msg' for up to 8 validation errors, never the submitted values (they may be sample text)."""
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:8]]
+    more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""
+    return "; ".join(parts) + more
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request, exc: RequestValidationError) -> JSONResponse:
     """422 naming every bad field (without echoing the submitted text)."""
     errors = exc.errors()
-    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:8]]
-    more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""
-    message = f"invalid request: {'; '.join(parts)}{more}. The request schema is at /openapi.json"
+    message = f"invalid request: {_describe_errors(errors)}. The request schema is at /openapi.json"
     detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
               for e in errors]
     return JSONResponse(status_code=422, content={**error_body(422, message), "detail": detail})
@@ -156,6 +161,14 @@ def _proxy_host() -> str | None:
         return str(_get_global_client().http_config.host)
     except Exception:  # noqa: BLE001 - best effort: build_app already checked the configured host
         return None
+
+
+def _validated(model: type[BaseModel], data: dict) -> Any:
+    """A handle call's request, validated; errors name fields but do not echo text (it would reach logs)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid {model.__name__}: {_describe_errors(exc.errors())}") from None
 
 
 def _rows_in(chunks: list[list[GenRow]]) -> int:
@@ -204,7 +217,7 @@ class Refiner:
 
     # ----- engine access (batched) -----------------------------------------------------------
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_rows_in)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1, batch_size_fn=_rows_in)
     async def _generate_batch(self, chunks: list[list[GenRow]]) -> list[list[GenOut]]:
         """Runs the rows of many concurrent callers as one engine call, and hands each its part."""
         flat = [r for c in chunks for r in c]
@@ -287,10 +300,10 @@ class Refiner:
         """Handle method for the loop: a RefineRequest dict in, a RefineResponse dict out.
 
         Raises:
-            pydantic.ValidationError: The request does not match RefineRequest (a caller bug).
-            ValueError: It asks for more tokens than the server allows.
+            ValueError: The request does not match RefineRequest (a caller bug; the message names the
+                fields) or asks for more tokens than the server allows.
         """
-        body = RefineRequest.model_validate(request)
+        body = _validated(RefineRequest, request)
         return (await self._run("handle:refine", lambda: self._refine(body, "handle:refine"), http=False)).model_dump()
 
     # ----- judge -------------------------------------------------------------------------------
@@ -327,7 +340,7 @@ class Refiner:
 
     async def judge(self, request: dict) -> dict:
         """Handle method: a JudgeRequest dict in, a JudgeResponse dict out (ValueError for unsupported modes)."""
-        body = JudgeRequest.model_validate(request)
+        body = _validated(JudgeRequest, request)
         return (await self._run("handle:judge", lambda: self._judge(body, "handle:judge"), http=False)).model_dump()
 
     # ----- OpenAI-compatible -------------------------------------------------------------------
@@ -367,7 +380,7 @@ class Refiner:
 
     async def chat(self, request: dict) -> dict:
         """Handle method: a chat-completion request dict in, the ChatCompletion dict out."""
-        body = ChatCompletionRequest.model_validate(request)
+        body = _validated(ChatCompletionRequest, request)
         return (await self._run("handle:chat", lambda: self._chat(body), http=False)).model_dump()
 
     @api.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]}, dependencies=_KEYED)

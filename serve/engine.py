@@ -128,14 +128,19 @@ def plain_render(messages: list[dict[str, str]], continue_final: bool) -> str:
 
 
 def model_fingerprint(path: str) -> str:
-    """A short content fingerprint of a local checkpoint (for cache keys), or the hub id itself.
+    """A short content fingerprint of a checkpoint (for cache keys): a local directory, or a hub id's cached snapshot.
 
     Hashes config.json and, per weight file, its size and three 1 MiB windows (start, middle,
     end): retrained checkpoints of the same shape differ there, and a 16 GB model is not read whole.
     """
     p = Path(path)
     if not p.is_dir():
-        return hashlib.sha256(path.encode()).hexdigest()[:16]
+        try:  # a hub id: fingerprint the cached snapshot (its directory name is the commit)
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the local cache: the id is all we know
+            return hashlib.sha256(path.encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(p.iterdir()):
         if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):

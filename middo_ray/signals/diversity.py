@@ -6,10 +6,13 @@ are never neighbours):
 * **exact**: query blocks against base blocks with a running top-k, so memory is
   ``query_block x base_block`` floats whatever N is (the reference builds an N x N matrix).
   Cost is O(N^2 D): fine up to ~10^5 rows, about 10^15 FLOP at 1M x 576.
-* **faiss**: an inverted-file index (IVF-Flat, inner product on unit vectors, spherical k-means
-  coarse quantizer) that scans only ``nprobe`` of ``nlist`` clusters per query. Returned
-  similarities are exact inner products of the neighbours it finds; only which neighbours are
-  found is approximate (recall@k, measured in ``benchmarks/knn_bench.py``).
+* **faiss**: an inverted-file (IVF) search on unit vectors. FAISS trains spherical k-means
+  centroids on a seeded subsample and assigns every row to its ``nprobe`` nearest lists; each
+  list is then multiplied once with all the rows that probe it (the queries are the indexed rows
+  themselves, so this list-by-list scan is BLAS-bound, where a query-by-query IVF scan is
+  memory-bound). A seeded sample of rows is checked against exact search and ``nprobe`` doubles
+  until recall@k reaches the target (0.95). Returned similarities are exact cosines of the
+  neighbours found; only which neighbours are found is approximate.
 
 ``knn_search`` picks one (``method='auto'``: exact up to ``exact_max_n`` rows, FAISS above) and
 returns a ``KnnResult``. See docs/knn.md for the rule and measured numbers.
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 METHODS = ("auto", "exact", "faiss")
-FAISS_OPTIONS = ("nlist", "nprobe", "train_size", "niter", "threads", "scan")
+FAISS_OPTIONS = ("nlist", "nprobe", "train_size", "niter", "threads", "scan", "target_recall", "recall_sample")
 SCANS = ("lists", "index")
 
 _QUERY_BLOCK = 2048          # query rows per matrix product in the exact search
@@ -133,7 +136,7 @@ def _exact_topk(x: np.ndarray, valid: np.ndarray, queries: np.ndarray, k: int,
     bb = max(256, min(n, _PRODUCT_FLOATS // qb))
     for qs in range(0, nq, qb):
         qrows = queries[qs:qs + qb]
-        q, _ = _unit_rows(x, qrows)
+        q, q_ok = _unit_rows(x, qrows)
         best_sim = np.full((len(qrows), k), -np.inf, dtype=np.float32)
         best_idx = np.full((len(qrows), k), -1, dtype=np.int64)
         for bs in range(0, n, bb):
@@ -148,6 +151,7 @@ def _exact_topk(x: np.ndarray, valid: np.ndarray, queries: np.ndarray, k: int,
             sim, idx = _block_topk(s, k)
             idx[idx >= 0] += bs
             best_sim, best_idx = _merge_topk(best_sim, best_idx, sim, idx, k)
+        best_sim[~q_ok], best_idx[~q_ok] = -np.inf, -1   # an invalid row has no neighbours
         out_sim[qs:qs + len(qrows)] = best_sim
         out_idx[qs:qs + len(qrows)] = best_idx
     return out_sim, out_idx
@@ -211,34 +215,44 @@ def _faiss_threads(n: int):
 def faiss_params(n_valid: int, **opts) -> dict:
     """IVF parameters for ``n_valid`` searchable rows; explicit ``opts`` override the defaults.
 
-    Defaults (why):
-        nlist = 4 * sqrt(N), capped at N / 39 so k-means has the 39 points per centroid FAISS asks
-            for: lists of ~sqrt(N)/4 rows balance the coarse (N x nlist) and fine (N x nprobe x N/nlist)
-            work.
-        nprobe = max(16, nlist / 32), at most nlist: scans ~3% of the set per query, which gave
-            recall@2 >= 0.95 on clustered 576-d data (benchmarks/knn_bench.py).
-        train_size = min(N, 40 * nlist): k-means on a seeded subsample, enough for stable centroids.
-        niter = 10 k-means iterations; threads = the usable cores.
+    Defaults (why; numbers from benchmarks/knn_bench.py and docs/knn.md):
+        nlist = 2 * sqrt(N), capped at N / 39 (the points per centroid FAISS asks for). Cost is
+            N x nlist (coarse) plus N x nprobe x N / nlist (scan); at equal recall, ~sqrt(N)-sized
+            lists cost less than the common 4 * sqrt(N) and k-means trains 4x faster.
+        nprobe = 4 to start: recall@2 ~0.98 on LM-like clustered 576-d data at 300k rows.
+        target_recall = 0.95, recall_sample = 500: after the search, recall@k is measured on a seeded
+            sample of rows against exact search; below target, nprobe doubles (up to nlist) and the
+            scan reruns, so hard (unclustered) data costs more time instead of silently losing
+            recall. 0 turns the check off.
+        train_size = min(N, 40 * nlist): spherical k-means on a seeded subsample; niter = 10.
+        threads = the usable cores (FAISS's OpenMP setting, restored afterwards).
+        scan = 'lists' (list-by-list matrix products) or 'index' (FAISS IndexIVFFlat.search).
     """
+    opts = dict(opts)
     unknown = sorted(set(opts) - set(FAISS_OPTIONS))
     if unknown:
         raise ValueError(f"unknown FAISS option(s) {unknown}; allowed: {list(FAISS_OPTIONS)}")
     scan = opts.pop("scan", None) or "lists"
     if scan not in SCANS:
         raise ValueError(f"unknown FAISS scan {scan!r}; use one of {list(SCANS)}")
+    target = opts.pop("target_recall", None)
+    target = 0.95 if target is None else target
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+        raise ValueError(f"FAISS option target_recall must be a number in [0, 1] (0 = no check); got {target!r}")
     for key, v in opts.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise ValueError(f"FAISS option {key} must be an integer >= 1; got {v!r}")
-    nlist = opts.get("nlist") or max(1, min(round(4 * math.sqrt(n_valid)), n_valid // 39))
-    nlist = min(int(nlist), max(1, n_valid))
-    nprobe = min(int(opts.get("nprobe") or max(16, nlist // 32)), nlist)
+    n_valid = max(1, n_valid)
+    nlist = int(opts.get("nlist") or max(1, min(round(2 * math.sqrt(n_valid)), n_valid // 39)))
+    nlist = min(nlist, n_valid)
+    nprobe = min(int(opts.get("nprobe") or 4), nlist)
     train_size = min(int(opts.get("train_size") or 40 * nlist), n_valid)
     if train_size < nlist:
         raise ValueError(f"FAISS train_size={train_size} is below nlist={nlist}; k-means needs at least one "
                          "point per centroid: raise train_size or lower nlist")
-    return {"nlist": nlist, "nprobe": nprobe, "train_size": train_size,
-            "niter": int(opts.get("niter") or 10), "threads": int(opts.get("threads") or _default_threads()),
-            "scan": scan}
+    return {"nlist": nlist, "nprobe": nprobe, "train_size": train_size, "niter": int(opts.get("niter") or 10),
+            "threads": int(opts.get("threads") or _default_threads()), "scan": scan,
+            "target_recall": float(target), "recall_sample": int(opts.get("recall_sample") or 500)}
 
 
 def _train_ivf(xn: np.ndarray, seed: int, params: dict):
@@ -262,56 +276,69 @@ def _train_ivf(xn: np.ndarray, seed: int, params: dict):
 
 
 def _scan_lists(xn: np.ndarray, assign: np.ndarray, nlist: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of every row among the rows of the lists it probes, one list at a time.
+    """IVF search of every row against the rows of the ``nprobe`` lists it probes, list by list.
 
-    ``assign[i]`` holds the ``nprobe`` lists row i probes, its own list first. The rows of list l
-    are multiplied, in one matrix product, with the rows of every list that any of them probes.
-    That covers each row's own probes (so recall is at least a per-query IVF search with the same
-    nprobe) and is a few large, BLAS-efficient products instead of N small, memory-bound scans.
+    ``assign[i]`` holds the lists row i probes, its own list first. Since the queries are the
+    indexed rows themselves, the work is regrouped by list: each list's rows are multiplied, in one
+    matrix product, with all the queries that probe it. Same pairs as a per-query IVF scan, but
+    each list is read once per block of queries, so it is compute-bound (BLAS) instead of
+    memory-bound (FAISS's query-by-query scan re-reads nprobe lists per query).
 
     Returns:
         (nv, k) similarities and row positions, best first; -inf / -1 where fewer were found.
     """
-    nv = xn.shape[0]
+    nv, nprobe = assign.shape
     own = assign[:, 0]
-    order = np.argsort(own, kind="stable")
-    lim = np.searchsorted(own[order], np.arange(nlist + 1))
-    best_sim = np.full((nv, k), -np.inf, dtype=np.float32)
-    best_idx = np.full((nv, k), -1, dtype=np.int64)
-    scanned = 0
+    members = np.argsort(own, kind="stable")
+    m_lim = np.searchsorted(own[members], np.arange(nlist + 1))
+    pos = np.empty(nv, dtype=np.int64)               # each row's position inside its own list
+    pos[members] = np.arange(nv) - m_lim[own[members]]
+    flat = assign.ravel()
+    pairs = np.argsort(flat, kind="stable")          # (query, probe slot) pairs grouped by list
+    p_lim = np.searchsorted(flat[pairs], np.arange(nlist + 1))
+    del flat
+    # Candidates per (query, probe slot): merged once at the end instead of after every list.
+    c_sim = np.full((nv * nprobe, k), -np.inf, dtype=np.float32)
+    c_idx = np.full((nv * nprobe, k), -1, dtype=np.int64)
     for lst in range(nlist):
-        rows = order[lim[lst]:lim[lst + 1]]
-        if len(rows) == 0:
+        rows = members[m_lim[lst]:m_lim[lst + 1]]
+        slots = pairs[p_lim[lst]:p_lim[lst + 1]]
+        if len(rows) == 0 or len(slots) == 0:
             continue
-        probed = np.unique(assign[rows])
-        lists = np.concatenate([[lst], probed[probed != lst]])   # own list first: self sits at offset 0
-        cand = np.concatenate([order[lim[p]:lim[p + 1]] for p in lists])
-        scanned += len(rows) * len(cand)
-        base = xn[cand]
-        qb = max(64, _PRODUCT_FLOATS // len(cand))   # bounds one product at ~2^25 floats
-        for qs in range(0, len(rows), qb):
-            q = rows[qs:qs + qb]
-            s = xn[q] @ base.T
-            s[np.arange(len(q)), qs + np.arange(len(q))] = -np.inf   # never your own neighbour (by index)
+        base_t = np.ascontiguousarray(xn[rows].T)
+        qb = max(64, _PRODUCT_FLOATS // len(rows))   # bounds one product at ~2^25 floats
+        for qs in range(0, len(slots), qb):
+            sl = slots[qs:qs + qb]
+            q = sl // nprobe
+            s = xn[q] @ base_t
+            mine = np.flatnonzero(sl % nprobe == 0)  # slot 0 = own list: the row itself is here
+            s[mine, pos[q[mine]]] = -np.inf          # never your own neighbour (by index, not value)
             sim, idx = _block_topk(s, k)
-            best_sim[q] = sim
-            best_idx[q] = np.where(idx >= 0, cand[np.maximum(idx, 0)], -1)
-    return best_sim, best_idx, scanned / max(1, nv) / max(1, nv)
+            c_sim[sl, : sim.shape[1]] = sim
+            c_idx[sl, : idx.shape[1]] = np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)
+    c_sim = c_sim.reshape(nv, nprobe * k)
+    c_idx = c_idx.reshape(nv, nprobe * k)
+    best_sim = np.empty((nv, k), dtype=np.float32)
+    best_idx = np.empty((nv, k), dtype=np.int64)
+    for s0 in range(0, nv, _FAISS_CHUNK):
+        sl = slice(s0, s0 + _FAISS_CHUNK)
+        best_sim[sl], best_idx[sl] = _merge_topk(c_sim[sl], c_idx[sl], c_sim[sl, :0], c_idx[sl, :0], k)
+    return best_sim, best_idx
 
 
 def _faiss_topk(x: np.ndarray, valid: np.ndarray, k: int, seed: int, params: dict
                 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Approximate top-k of every valid row: FAISS IVF coarse quantizer, then a list-by-list scan.
+    """Approximate top-k of every valid row with a FAISS IVF index over unit rows.
 
-    FAISS trains the spherical k-means centroids and assigns every row to its ``nprobe`` nearest
-    lists (both BLAS-bound). The fine search uses that the queries are the indexed rows themselves:
-    ``scan='lists'`` (default) multiplies each list once with all the queries probing it
-    (``_scan_lists``); ``scan='index'`` is FAISS's own query-by-query ``IndexIVFFlat.search``,
-    which re-reads ``nprobe`` lists from memory per query and is memory-bound (kept to compare).
+    FAISS trains the spherical k-means centroids and assigns each row to its ``nprobe`` nearest
+    lists (BLAS-bound). The scan is ``_scan_lists`` (default) or FAISS's ``IndexIVFFlat.search``.
+    Then recall@k is measured on a sample of rows against exact search; below ``target_recall``
+    nprobe doubles and the scan reruns (the trained centroids are kept).
     """
     n, d = x.shape
     vpos = np.flatnonzero(valid)                     # position among valid rows -> row of x
     nv = len(vpos)
+    nlist = params["nlist"]
     t = time.perf_counter()
     xn = np.empty((nv, d), dtype=np.float32)         # unit rows: queries and database at once
     for s in range(0, nv, _FAISS_CHUNK):
@@ -319,46 +346,79 @@ def _faiss_topk(x: np.ndarray, valid: np.ndarray, k: int, seed: int, params: dic
     index, quantizer = _train_ivf(xn, seed, params)
     t_train = time.perf_counter() - t
 
+    target = params["target_recall"]
     t = time.perf_counter()
-    nprobe = params["nprobe"]
-    assign = np.empty((nv, nprobe), dtype=np.int64)   # nearest lists per row; the first is its own
-    for s in range(0, nv, _FAISS_CHUNK):
-        assign[s:s + _FAISS_CHUNK] = quantizer.search(xn[s:s + _FAISS_CHUNK], nprobe)[1]
-    t_assign = time.perf_counter() - t
+    sample = np.zeros(0, dtype=np.int64)
+    if target > 0:
+        rng = np.random.default_rng([seed, 1])
+        sample = np.sort(rng.choice(nv, size=min(params["recall_sample"], nv), replace=False))
+        true_sim, true_idx = _exact_topk(x, valid, vpos[sample], k)
+    t_check = time.perf_counter() - t
 
-    t = time.perf_counter()
-    scanned = None
-    if params["scan"] == "lists":
-        D, I, scanned = _scan_lists(xn, assign, params["nlist"], k)
-    else:
-        import faiss
+    t_assign = t_search = 0.0
+    nprobe, tried, filled = params["nprobe"], [], False
+    while True:
+        t = time.perf_counter()
+        if params["scan"] == "lists":
+            assign = np.empty((nv, nprobe), dtype=np.int64)   # nearest lists per row; the first is its own
+            for s in range(0, nv, _FAISS_CHUNK):
+                assign[s:s + _FAISS_CHUNK] = quantizer.search(xn[s:s + _FAISS_CHUNK], nprobe)[1]
+            t_assign += time.perf_counter() - t
+            t = time.perf_counter()
+            D, I = _scan_lists(xn, assign, nlist, k)
+            del assign
+        else:
+            if not filled:
+                import faiss
 
-        own = np.ascontiguousarray(assign[:, 0])
-        index.add_core(nv, faiss.swig_ptr(xn), None, faiss.swig_ptr(own))   # ids = positions 0..nv-1
-        D = np.empty((nv, k), dtype=np.float32)
-        I = np.empty((nv, k), dtype=np.int64)
-        for s in range(0, nv, _FAISS_CHUNK):
-            q = xn[s:s + _FAISS_CHUNK]
-            Ds, Is = index.search(q, k + 1)          # k + 1: the row itself is usually among them
-            Is[Is == np.arange(s, s + len(q))[:, None]] = -1   # drop self by index
-            Ds = np.where(Is < 0, -np.inf, Ds).astype(np.float32)
-            D[s:s + len(q)], I[s:s + len(q)] = _merge_topk(Ds, Is, Ds[:, :0], Is[:, :0], k)
-    del xn, assign, index
-    t_search = time.perf_counter() - t
+                own = np.ascontiguousarray(quantizer.search(xn, 1)[1][:, 0])
+                index.add_core(nv, faiss.swig_ptr(xn), None, faiss.swig_ptr(own))   # ids = positions
+                filled = True
+                t_assign += time.perf_counter() - t
+                t = time.perf_counter()
+            index.nprobe = nprobe
+            D, I = _index_search(index, xn, k)
+        t_search += time.perf_counter() - t
+        est = None
+        if target > 0:
+            got = np.where(I[sample] >= 0, vpos[np.maximum(I[sample], 0)], -1)
+            est = recall_at_k(got, true_idx)
+        tried.append({"nprobe": nprobe, "recall_estimate": None if est is None else round(est, 4)})
+        if est is None or est >= target or nprobe >= nlist:
+            break
+        nprobe = min(nlist, 2 * nprobe)
+    del xn, index
 
     sims = np.full((n, k), -np.inf, dtype=np.float32)
     idx = np.full((n, k), -1, dtype=np.int64)
     sims[vpos] = D
     idx[vpos] = np.where(I >= 0, vpos[np.maximum(I, 0)], -1)
+    if len(sample):                                  # the exact answers are at hand: use them
+        sims[vpos[sample]], idx[vpos[sample]] = true_sim, true_idx
     # Probed lists can hold fewer than k others (tiny or isolated clusters): finish those rows exactly.
-    short = vpos[(I < 0).any(axis=1)]
+    short = vpos[(idx[vpos] < 0).any(axis=1)]
     if len(short):
         sims[short], idx[short] = _exact_topk(x, valid, short, k)
-    info = {"index": f"IVF{params['nlist']},Flat,IP", **params, "seed": int(seed),
-            "exact_fallback_rows": int(len(short)),
-            "scanned_fraction": None if scanned is None else round(float(scanned), 5), "seconds_train": round(t_train, 3),
-            "seconds_assign": round(t_assign, 3), "seconds_search": round(t_search, 3)}
+    info = {"index": f"IVF{nlist},Flat,IP", **params, "nprobe": nprobe, "seed": int(seed),
+            "recall_estimate": tried[-1]["recall_estimate"], "tries": tried,
+            "exact_fallback_rows": int(len(short)), "seconds_train": round(t_train, 3),
+            "seconds_check": round(t_check, 3), "seconds_assign": round(t_assign, 3),
+            "seconds_search": round(t_search, 3)}
     return sims, idx, info
+
+
+def _index_search(index, xn: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's own query-by-query IVF search of every indexed row, self dropped by index."""
+    nv = xn.shape[0]
+    D = np.empty((nv, k), dtype=np.float32)
+    I = np.empty((nv, k), dtype=np.int64)
+    for s in range(0, nv, _FAISS_CHUNK):
+        q = xn[s:s + _FAISS_CHUNK]
+        Ds, Is = index.search(q, k + 1)              # k + 1: the row itself is usually among them
+        Is[Is == np.arange(s, s + len(q))[:, None]] = -1
+        Ds = np.where(Is < 0, -np.inf, Ds).astype(np.float32)
+        D[s:s + len(q)], I[s:s + len(q)] = _merge_topk(Ds, Is, Ds[:, :0], Is[:, :0], k)
+    return D, I
 
 
 def knn_search(embeddings: np.ndarray, k: int = 2, method: str = "auto", exact_max_n: int = 50_000,
@@ -375,15 +435,19 @@ def knn_search(embeddings: np.ndarray, k: int = 2, method: str = "auto", exact_m
         k: neighbours per row (the diversity axis uses 2).
         method: 'exact', 'faiss', or 'auto' (exact when N <= exact_max_n, FAISS above).
         exact_max_n: the largest N that 'auto' searches exactly.
-        seed: seeds the k-means training subsample and initialisation (FAISS results are
-            deterministic for a given seed, input and thread count).
+        seed: seeds the k-means subsample and initialisation and the recall-check sample; FAISS
+            results are deterministic for a given seed, input and thread count.
         block: query rows per matrix product in the exact search.
-        **faiss_opts: nlist, nprobe, train_size, niter, threads (see ``faiss_params``).
+        **faiss_opts: nlist, nprobe, train_size, niter, threads, scan, target_recall,
+            recall_sample (see ``faiss_params``); unknown names are an error.
 
-    Peak memory, beyond the caller's array (plus a float32 copy of it if it is not float32):
-        exact: ~``2^25`` floats for one query x base block (128 MiB) plus O(N k);
-        faiss: the index, N x (4 D + 8) bytes (2.3 GiB at 1M x 576), a train sample of
-            ``train_size x D`` floats and the nlist x D centroids, plus O(N k); never N x N.
+    Peak memory, beyond the caller's array (and a float32 copy of it if it is not float32); never
+    an N x N matrix:
+        exact: one query x base product of at most 2^25 floats (128 MiB) plus O(N k).
+        faiss: a unit-norm copy, N x D x 4 bytes (2.2 GiB at 1M x 576); coarse assignments and
+            candidates, N x nprobe x (24 + 12 k) bytes (~0.2 GiB at 1M, nprobe 4); the k-means
+            sample, train_size x D x 4 bytes; one 128 MiB product. scan='index' adds FAISS's own
+            copy of the vectors (another N x D x 4 bytes).
 
     Returns:
         KnnResult; ``info`` has the method used, its parameters and the wall seconds.

@@ -243,6 +243,17 @@ def test_security_helpers():
 def test_transformers_engine_rows_do_not_depend_on_their_batch(tiny_model):
     """Each row samples from its own seeded stream: alone, reordered, or batched with others it gives the
     same text; each row stops at its own token cap; stop strings cut the text."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from more, and busy CI cores make them slower
+    try:
+        _check_engine_rows()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_engine_rows() -> None:
     from serve.engine import GenRow, TransformersEngine
 
     eng = TransformersEngine("tiny")
@@ -320,7 +331,7 @@ def refiner(ray_local):
     os.environ[KEY_ENV] = KEY
     cfg = build_config({"model": {"base": "tiny"}, "refine": {
         "http_port": _free_port(), "batch_size": 3, "max_concurrency": 2, "max_new_tokens": 16,
-        "cpus_per_replica": 1.0, "app_name": "middo-refiner-test", "api_key_env": KEY_ENV}})
+        "cpus_per_replica": 1.0, "app_name": "middo-refiner-test", "api_key_env": KEY_ENV, "batch_wait_s": 0.01}})
     handle = start_refiner(cfg, health_timeout_s=120)
     try:
         yield cfg, handle, refiner_url(cfg)
@@ -448,6 +459,21 @@ def test_refine_jobs_rejects_malformed_jobs(refiner):
     cfg, handle, _ = refiner
     with pytest.raises(ValueError, match="lacks"):
         refine_jobs([{"sample_id": "x", "instruction": "y"}], handle, cfg.refine, seed=0)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_handle_rejects_malformed_requests_without_echoing_text(refiner):
+    """A malformed handle call raises ValueError naming the field; the submitted text is not repeated (it
+    would end up in logs)."""
+    _, handle, _ = refiner
+    with pytest.raises(ValueError, match=r"samples\.0\.instruction") as err:
+        handle.refine.remote({"operation": "simplify", "samples": [{"input": "PRIVATE SAMPLE TEXT"}]}).result(
+            timeout_s=60)
+    assert "PRIVATE SAMPLE TEXT" not in str(err.value)
+    with pytest.raises(ValueError, match="max_new_tokens_limit"):
+        handle.refine.remote({"operation": "simplify", "samples": [{"instruction": "x"}],
+                              "sampling": {"max_new_tokens": 4096}}).result(timeout_s=60)
 
 
 def _jobs(n: int, tag: str) -> list[dict]:

@@ -27,7 +27,8 @@ KEY_ENV = "MIDDO_TEST_HTTP_KEY"
 KEY = "test-http-key"
 UPSTREAM_ENV = "MIDDO_TEST_UPSTREAM_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LIMITS = {"max_samples_per_request": 4, "max_new_tokens_limit": 32, "max_body_bytes": 64 * 1024}
+LIMITS = {"max_samples_per_request": 4, "max_new_tokens_limit": 32, "max_body_bytes": 64 * 1024,
+          "batch_wait_s": 0.01}
 ROWS = [{"sample_id": "q1", "instruction": "What is the capital of France?", "output": "Paris."},
         {"sample_id": "q2", "instruction": "Add 12 and 30.", "input": "Show the sum.", "output": "42"}]
 
