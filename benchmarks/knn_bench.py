@@ -41,7 +41,7 @@ def synthetic_embeddings(n: int, dim: int = 576, seed: int = 0) -> np.ndarray:
     """(n, dim) float32 vectors shaped like mean-pooled hidden states of a small LM.
 
     Calibrated on SmolLM2-135M-Instruct prompt embeddings of 1,500 Alpaca rows (mask-aware mean of
-    the last hidden state). At n=1,500 (real vs synthetic): |mean| / row norm 0.93 vs 0.92; pairwise
+    the last hidden state over the templated prompt, as diagnosis computes them). At n=1,500 (real vs synthetic): |mean| / row norm 0.93 vs 0.92; pairwise
     cosine 0.87+-0.05 vs 0.85+-0.04; mean top-2 neighbour cosine 0.958+-0.018 vs 0.957+-0.013; the
     same after removing the mean 0.65 vs 0.69; participation ratio of the centred spectrum 19 vs 23.
     The generator:

@@ -35,6 +35,7 @@ SCANS = ("lists", "index")
 _QUERY_BLOCK = 2048          # query rows per matrix product in the exact search
 _PRODUCT_FLOATS = 1 << 25    # cap on one query_block x base_block product (128 MiB of float32)
 _FAISS_CHUNK = 65536         # rows normalised / coarse-assigned per step
+_SPLIT_RATIO = 2.0           # k-means lists above this multiple of the mean size are split
 
 
 @dataclass
@@ -216,14 +217,16 @@ def faiss_params(n_valid: int, **opts) -> dict:
     """IVF parameters for ``n_valid`` searchable rows; explicit ``opts`` override the defaults.
 
     Defaults (why; numbers from benchmarks/knn_bench.py and docs/knn.md):
-        nlist = 2 * sqrt(N), capped at N / 39 (the points per centroid FAISS asks for). Cost is
-            N x nlist (coarse) plus N x nprobe x N / nlist (scan); at equal recall, ~sqrt(N)-sized
-            lists cost less than the common 4 * sqrt(N) and k-means trains 4x faster.
-        nprobe = 4 to start: recall@2 ~0.98 on LM-like clustered 576-d data at 300k rows.
-        target_recall = 0.95, recall_sample = 500: after the search, recall@k is measured on a seeded
-            sample of rows against exact search; below target, nprobe doubles (up to nlist) and the
-            scan reruns, so hard (unclustered) data costs more time instead of silently losing
-            recall. 0 turns the check off.
+        nlist = 2 * sqrt(N), capped at N / 39 (the points per centroid FAISS asks for). The cost is
+            N x nlist (coarse pass) plus N x nprobe x N / nlist (scan); they balance at
+            nlist = sqrt(N x nprobe) = 2 sqrt(N) for nprobe 4, and k-means on 40 x nlist points is
+            then 4x cheaper than with the common 4 sqrt(N). Oversized lists are split afterwards.
+        nprobe = 4 to start: recall@2 ~0.98 on LM-like clustered 576-d data up to 300k rows.
+        target_recall = 0.95, recall_sample = 500: before the full scan, exact neighbours of a seeded
+            sample of rows are computed and nprobe grows (4, 6, 9, 14, ... up to nlist) until the IVF
+            search, simulated on the sample rows only, reaches the target plus one binomial standard
+            error (~0.007). Hard (unclustered) data then costs more time instead of silently losing
+            recall; the full scan still runs once. 0 turns the check off (nprobe is used as given).
         train_size = min(N, 40 * nlist): spherical k-means on a seeded subsample; niter = 10.
         threads = the usable cores (FAISS's OpenMP setting, restored afterwards).
         scan = 'lists' (list-by-list matrix products) or 'index' (FAISS IndexIVFFlat.search).
@@ -255,23 +258,47 @@ def faiss_params(n_valid: int, **opts) -> dict:
             "target_recall": float(target), "recall_sample": int(opts.get("recall_sample") or 500)}
 
 
+def _kmeans(x: np.ndarray, n_centroids: int, niter: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids (FAISS), seeded; on unit vectors, like the data."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], n_centroids, niter=niter, seed=int(seed), spherical=True,
+                      max_points_per_centroid=max(1, -(-len(x) // n_centroids)),  # sampled already
+                      min_points_per_centroid=1)                                    # small N is deliberate
+    km.train(np.ascontiguousarray(x))
+    return km.centroids
+
+
 def _train_ivf(xn: np.ndarray, seed: int, params: dict):
-    """IVF-Flat inner-product index trained by spherical k-means on a seeded subsample (not filled)."""
+    """IVF-Flat inner-product index (not filled) with balanced-ish lists, and its quantizer.
+
+    Spherical k-means on a seeded subsample of ``train_size`` rows gives ``nlist`` centroids. The
+    cost of the scan is the sum over lists of (list size x queries probing it), and dense regions
+    of real embeddings give k-means lists many times the mean size (5x the ideal cost on the
+    benchmark data). So each list holding more than ``_SPLIT_RATIO`` x the mean share of the sample
+    is split by a second k-means on its sample rows into parts of about the mean size.
+    """
     import faiss
 
     nv, d = xn.shape
     nlist = params["nlist"]
     rng = np.random.default_rng(seed)
-    train = np.sort(rng.choice(nv, size=params["train_size"], replace=False))
+    sample = xn[np.sort(rng.choice(nv, size=params["train_size"], replace=False))]
+    centroids = _kmeans(sample, nlist, params["niter"], seed)
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = int(seed)
-    index.cp.niter = params["niter"]
-    index.cp.spherical = True                        # centroids on the unit sphere, like the data
-    index.cp.max_points_per_centroid = max(1, -(-params["train_size"] // nlist))  # we subsampled already
-    index.cp.min_points_per_centroid = 1             # small N is deliberate (nlist is capped); no warning
-    index.train(xn[train])
-    index.nprobe = params["nprobe"]
+    quantizer.add(centroids)
+    label = quantizer.search(sample, 1)[1][:, 0]
+    size = np.bincount(label, minlength=nlist)
+    mean = len(sample) / nlist
+    keep = [centroids[size <= _SPLIT_RATIO * mean]]
+    for lst in np.flatnonzero(size > _SPLIT_RATIO * mean):
+        parts = int(round(size[lst] / mean))
+        keep.append(_kmeans(sample[label == lst], parts, params["niter"], seed + 1 + int(lst)))
+    centroids = np.concatenate(keep)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(centroids)
+    index = faiss.IndexIVFFlat(quantizer, d, len(centroids), faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = min(params["nprobe"], len(centroids))
     return index, quantizer
 
 
@@ -289,8 +316,7 @@ def _scan_lists(xn: np.ndarray, assign: np.ndarray, nlist: int, k: int) -> tuple
     """
     nv, nprobe = assign.shape
     own = assign[:, 0]
-    members = np.argsort(own, kind="stable")
-    m_lim = np.searchsorted(own[members], np.arange(nlist + 1))
+    members, m_lim = _lists_of(own, nlist)
     pos = np.empty(nv, dtype=np.int64)               # each row's position inside its own list
     pos[members] = np.arange(nv) - m_lim[own[members]]
     flat = assign.ravel()
@@ -326,84 +352,115 @@ def _scan_lists(xn: np.ndarray, assign: np.ndarray, nlist: int, k: int) -> tuple
     return best_sim, best_idx
 
 
+def _coarse(quantizer, xn: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` nearest lists of every row, nearest first (the first is the row's own list)."""
+    out = np.empty((xn.shape[0], width), dtype=np.int64)
+    for s in range(0, xn.shape[0], _FAISS_CHUNK):
+        out[s:s + _FAISS_CHUNK] = quantizer.search(xn[s:s + _FAISS_CHUNK], width)[1]
+    return out
+
+
+def _lists_of(own: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped by list: list l holds ``order[lim[l]:lim[l + 1]]`` (ascending row order)."""
+    order = np.argsort(own, kind="stable")
+    return order, np.searchsorted(own[order], np.arange(nlist + 1))
+
+
+def _sample_recall(xn: np.ndarray, assign: np.ndarray, nlist: int, nprobe: int, sample: np.ndarray,
+                   true_pos: np.ndarray, k: int) -> float:
+    """Recall@k that an IVF search with ``nprobe`` reaches on the ``sample`` rows (only they are searched)."""
+    order, lim = _lists_of(assign[:, 0], nlist)
+    found = np.full((len(sample), k), -1, dtype=np.int64)
+    for j, row in enumerate(sample):
+        cand = np.sort(np.concatenate([order[lim[p]:lim[p + 1]] for p in assign[row, :nprobe]]))
+        sim = (xn[cand] @ xn[row])[None, :]
+        sim[0, cand == row] = -np.inf                # never your own neighbour
+        _, top = _block_topk(sim, k)                 # ties: lower index, as in the full scan
+        found[j, : top.shape[1]] = np.where(top[0] >= 0, cand[np.maximum(top[0], 0)], -1)
+    return recall_at_k(found, true_pos)
+
+
 def _faiss_topk(x: np.ndarray, valid: np.ndarray, k: int, seed: int, params: dict
                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate top-k of every valid row with a FAISS IVF index over unit rows.
 
-    FAISS trains the spherical k-means centroids and assigns each row to its ``nprobe`` nearest
-    lists (BLAS-bound). The scan is ``_scan_lists`` (default) or FAISS's ``IndexIVFFlat.search``.
-    Then recall@k is measured on a sample of rows against exact search; below ``target_recall``
-    nprobe doubles and the scan reruns (the trained centroids are kept).
+    Steps: unit-normalise; train the lists (``_train_ivf``); one coarse pass gives each row its
+    nearest lists. With ``target_recall`` > 0, exact neighbours of a seeded sample of rows are
+    computed and the smallest nprobe in 4, 6, 9, 14, ... (x1.5) whose recall on that sample
+    reaches the target plus one binomial standard error is chosen, simulating the IVF search on
+    the sample rows only, so the full scan runs once. Then ``_scan_lists`` (or FAISS's own
+    ``IndexIVFFlat.search`` with scan='index') searches every row.
     """
     n, d = x.shape
     vpos = np.flatnonzero(valid)                     # position among valid rows -> row of x
     nv = len(vpos)
-    nlist = params["nlist"]
     t = time.perf_counter()
     xn = np.empty((nv, d), dtype=np.float32)         # unit rows: queries and database at once
     for s in range(0, nv, _FAISS_CHUNK):
         xn[s:s + _FAISS_CHUNK] = _unit_rows(x, vpos[s:s + _FAISS_CHUNK])[0]
     index, quantizer = _train_ivf(xn, seed, params)
+    nlist = int(quantizer.ntotal)                    # after splitting oversized k-means lists
     t_train = time.perf_counter() - t
 
-    target = params["target_recall"]
+    target, nprobe = params["target_recall"], min(params["nprobe"], nlist)
     t = time.perf_counter()
+    width = min(nlist, nprobe if target == 0 else max(16, 4 * nprobe))
+    assign = _coarse(quantizer, xn, width)           # coarse cost is N x nlist whatever the width
+    t_assign = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tried: list[dict] = []
     sample = np.zeros(0, dtype=np.int64)
+    margin = 0.0
     if target > 0:
         rng = np.random.default_rng([seed, 1])
         sample = np.sort(rng.choice(nv, size=min(params["recall_sample"], nv), replace=False))
         true_sim, true_idx = _exact_topk(x, valid, vpos[sample], k)
+        true_pos = np.where(true_idx >= 0, np.searchsorted(vpos, true_idx), -1)
+        margin = math.sqrt(target * (1 - target) / max(1, true_pos.size))
+        while True:
+            if nprobe > width:                       # the probes needed go past the coarse pass
+                width = min(nlist, max(nprobe, 4 * width))
+                t1 = time.perf_counter()
+                assign = _coarse(quantizer, xn, width)
+                t_assign += time.perf_counter() - t1
+            est = _sample_recall(xn, assign, nlist, nprobe, sample, true_pos, k)
+            tried.append({"nprobe": nprobe, "recall_estimate": round(est, 4)})
+            if est >= min(1.0, target + margin) or nprobe >= nlist:
+                break
+            nprobe = min(nlist, max(nprobe + 1, math.ceil(1.5 * nprobe)))
     t_check = time.perf_counter() - t
 
-    t_assign = t_search = 0.0
-    nprobe, tried, filled = params["nprobe"], [], False
-    while True:
-        t = time.perf_counter()
-        if params["scan"] == "lists":
-            assign = np.empty((nv, nprobe), dtype=np.int64)   # nearest lists per row; the first is its own
-            for s in range(0, nv, _FAISS_CHUNK):
-                assign[s:s + _FAISS_CHUNK] = quantizer.search(xn[s:s + _FAISS_CHUNK], nprobe)[1]
-            t_assign += time.perf_counter() - t
-            t = time.perf_counter()
-            D, I = _scan_lists(xn, assign, nlist, k)
-            del assign
-        else:
-            if not filled:
-                import faiss
+    t = time.perf_counter()
+    if params["scan"] == "lists":
+        D, I = _scan_lists(xn, np.ascontiguousarray(assign[:, :nprobe]), nlist, k)
+    else:
+        import faiss
 
-                own = np.ascontiguousarray(quantizer.search(xn, 1)[1][:, 0])
-                index.add_core(nv, faiss.swig_ptr(xn), None, faiss.swig_ptr(own))   # ids = positions
-                filled = True
-                t_assign += time.perf_counter() - t
-                t = time.perf_counter()
-            index.nprobe = nprobe
-            D, I = _index_search(index, xn, k)
-        t_search += time.perf_counter() - t
-        est = None
-        if target > 0:
-            got = np.where(I[sample] >= 0, vpos[np.maximum(I[sample], 0)], -1)
-            est = recall_at_k(got, true_idx)
-        tried.append({"nprobe": nprobe, "recall_estimate": None if est is None else round(est, 4)})
-        if est is None or est >= target or nprobe >= nlist:
-            break
-        nprobe = min(nlist, 2 * nprobe)
-    del xn, index
+        own = np.ascontiguousarray(assign[:, 0])
+        index.add_core(nv, faiss.swig_ptr(xn), None, faiss.swig_ptr(own))   # ids = positions 0..nv-1
+        index.nprobe = nprobe
+        D, I = _index_search(index, xn, k)
+    t_search = time.perf_counter() - t
+    del xn, assign, index
 
     sims = np.full((n, k), -np.inf, dtype=np.float32)
     idx = np.full((n, k), -1, dtype=np.int64)
     sims[vpos] = D
     idx[vpos] = np.where(I >= 0, vpos[np.maximum(I, 0)], -1)
-    if len(sample):                                  # the exact answers are at hand: use them
-        sims[vpos[sample]], idx[vpos[sample]] = true_sim, true_idx
+    recall_estimate = None
+    if len(sample):
+        recall_estimate = round(recall_at_k(idx[vpos[sample]], true_idx), 4)
+        sims[vpos[sample]], idx[vpos[sample]] = true_sim, true_idx   # exact answers at hand: use them
     # Probed lists can hold fewer than k others (tiny or isolated clusters): finish those rows exactly.
     short = vpos[(idx[vpos] < 0).any(axis=1)]
     if len(short):
         sims[short], idx[short] = _exact_topk(x, valid, short, k)
-    info = {"index": f"IVF{nlist},Flat,IP", **params, "nprobe": nprobe, "seed": int(seed),
-            "recall_estimate": tried[-1]["recall_estimate"], "tries": tried,
-            "exact_fallback_rows": int(len(short)), "seconds_train": round(t_train, 3),
-            "seconds_check": round(t_check, 3), "seconds_assign": round(t_assign, 3),
-            "seconds_search": round(t_search, 3)}
+    info = {"index": f"IVF{nlist},Flat,IP", **params, "nlist_kmeans": params["nlist"], "nlist": nlist,
+            "nprobe": nprobe, "seed": int(seed), "recall_estimate": recall_estimate,
+            "recall_margin": round(margin, 4), "tries": tried, "exact_fallback_rows": int(len(short)),
+            "seconds_train": round(t_train, 3), "seconds_assign": round(t_assign, 3),
+            "seconds_check": round(t_check, 3), "seconds_search": round(t_search, 3)}
     return sims, idx, info
 
 
@@ -445,9 +502,10 @@ def knn_search(embeddings: np.ndarray, k: int = 2, method: str = "auto", exact_m
     an N x N matrix:
         exact: one query x base product of at most 2^25 floats (128 MiB) plus O(N k).
         faiss: a unit-norm copy, N x D x 4 bytes (2.2 GiB at 1M x 576); coarse assignments and
-            candidates, N x nprobe x (24 + 12 k) bytes (~0.2 GiB at 1M, nprobe 4); the k-means
-            sample, train_size x D x 4 bytes; one 128 MiB product. scan='index' adds FAISS's own
-            copy of the vectors (another N x D x 4 bytes).
+            candidates, about N x (8 width + nprobe (16 + 12 k)) bytes with width = max(16, 4 nprobe)
+            (~0.5 GiB at 1M, nprobe 9); the k-means sample, train_size x D x 4 bytes; one 128 MiB
+            product. scan='index' adds FAISS's own copy of the vectors (another N x D x 4 bytes).
+        Measured peak RSS at 1M x 576: 5.4 GiB including the 2.1 GiB input (docs/knn.md).
 
     Returns:
         KnnResult; ``info`` has the method used, its parameters and the wall seconds.
