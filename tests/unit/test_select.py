@@ -50,7 +50,11 @@ def test_budget_mode_flags_at_most_the_budget_worst_first():
     np.testing.assert_array_equal(np.sort(np.flatnonzero(flags["diversity"])),
                                   np.sort(np.argsort(cols["knn_sim"])[:10]))
     # complexity ranks by the smaller z-score of the two losses (both must be high)
-    assert counts["complexity"]["sigma_rule"] >= 0
+    zp = (cols["loss_pre"] - cols["loss_pre"].mean()) / cols["loss_pre"].std()
+    zc = (cols["loss_cur"] - cols["loss_cur"].mean()) / cols["loss_cur"].std()
+    np.testing.assert_array_equal(np.sort(np.flatnonzero(flags["complexity"])),
+                                  np.sort(np.argsort(-np.minimum(zp, zc))[:10]))
+    assert counts["complexity"]["sigma_rule"] == int(select_flags(cols, SelectConfig())[0]["complexity"].sum())
 
 
 def test_budget_within_sigma_never_exceeds_the_sigma_rule():
