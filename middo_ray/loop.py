@@ -275,11 +275,18 @@ def _load_flags(stage: Stage) -> dict[str, np.ndarray]:
 
 
 class Refiner:
-    """Starts the Serve app on first use and keeps it for later rounds."""
+    """The refiner (teacher) and judge Serve apps, each started on first use.
+
+    The refiner app keeps the configured teacher for the whole run. The judge app
+    (``refine.judge='current'``) serves the round's checkpoint: asked for another model than it serves,
+    it is redeployed with that one, so the judge follows the model being trained.
+    """
 
     def __init__(self, cfg: MiddoConfig):
         self.cfg = cfg
         self.handle = None
+        self.judge_handle = None
+        self.judge_model: str | None = None
 
     def get(self):
         if self.handle is None:
@@ -289,23 +296,37 @@ class Refiner:
             self.handle = start_refiner(self.cfg)
         return self.handle
 
+    def judge(self, model: str):
+        """The judge app's handle, (re)deployed to serve ``model``."""
+        if self.judge_handle is None or self.judge_model != model:
+            from middo_ray.refine import start_judge
+
+            log.info("refine: judge app now serves %s", model)
+            self.judge_handle = start_judge(self.cfg, model)
+            self.judge_model = model
+        return self.judge_handle
+
     def stop(self) -> None:
-        if self.handle is not None:
+        if self.handle is not None or self.judge_handle is not None:
             from middo_ray.refine import stop_refiner
 
             stop_refiner(self.cfg)
-            self.handle = None
+            self.handle = self.judge_handle = self.judge_model = None
 
 
-def stage_refine(cfg: MiddoConfig, stage: Stage, jobs: list[dict], refiner: Refiner, round_k: int) -> dict:
+def stage_refine(cfg: MiddoConfig, stage: Stage, jobs: list[dict], refiner: Refiner, round_k: int,
+                 current_model: str) -> dict:
+    """Refines the round's jobs with the teacher; rewrites are re-judged by ``current_model`` (M_{k-1},
+    the model the round diagnosed with) unless ``refine.judge='teacher'``."""
     from middo_ray.refine import refine_jobs
 
     d = stage.start()
     t0 = time.time()
     if jobs:
+        judge = (lambda: refiner.judge(current_model)) if cfg.refine.judge == "current" else None
         # LLM calls are cached by content in the run directory: a rerun or resumed run repeats none.
         outcome = refine_jobs(jobs, refiner.get(), cfg.refine, seed=cfg.run.seed * 1000 + round_k,
-                              cache_dir=stage.dir.parent.parent / "cache" / "llm")
+                              cache_dir=stage.dir.parent.parent / "cache" / "llm", judge=judge)
         results, counts = outcome.results, outcome.counts
     else:
         results, counts = [], {}
@@ -418,7 +439,7 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], None] | None = No
             jobs = build_jobs(rows, flags, nbr)
             st = Stage(rk, "refine", resume)
             t = time.time()
-            stages["refine"] = st.info() if st.done else stage_refine(cfg, st, jobs, refiner, k)
+            stages["refine"] = st.info() if st.done else stage_refine(cfg, st, jobs, refiner, k, models[-1])
             timings["refine"] = round(time.time() - t, 2)
             jobs, results = _load_refine(st)
 

@@ -22,6 +22,8 @@ from typing import Any
 
 SMOLLM2 = "smollm2"
 TINY = "tiny"
+# The tiny model with 2 heads of 32 dimensions: vLLM's CPU attention has no kernel for head size 16.
+TINY_VLLM = "tiny-vllm"
 
 
 def cache_dir() -> Path:
@@ -99,7 +101,8 @@ _TINY_CORPUS = (
 
 def ensure_tiny(vocab_size: int = 384, hidden: int = 64, layers: int = 2, heads: int = 4) -> Path:
     """Builds (once) a tiny random-init Llama with a locally trained byte-level BPE tokenizer."""
-    out = cache_dir() / f"tiny-llama-v{vocab_size}-h{hidden}-l{layers}"
+    heads_tag = "" if heads == 4 else f"-a{heads}"   # the default keeps its original cache name
+    out = cache_dir() / f"tiny-llama-v{vocab_size}-h{hidden}-l{layers}{heads_tag}"
     if (out / "config.json").is_file():
         return out
     with _locked(out):
@@ -137,6 +140,8 @@ def resolve_model(spec: str) -> str:
         return str(ensure_smollm2())
     if spec == TINY:
         return str(ensure_tiny())
+    if spec == TINY_VLLM:
+        return str(ensure_tiny(heads=2))
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from middo_ray.config import MiddoConfig, RefineConfig
 from middo_ray.schema import RefineResult
@@ -84,14 +84,31 @@ def refiner_args(cfg: MiddoConfig) -> dict[str, Any]:
             "max_samples_per_request", "max_new_tokens_limit", "max_body_bytes", "api_key_env", "http_host",
             "log_text")
     return {"model": r.model or cfg.model.base, "dtype": cfg.model.dtype, "num_cpus": r.cpus_per_replica,
-            "num_gpus": r.gpus_per_replica, **{k: getattr(r, k) for k in same}}
+            "num_gpus": r.gpus_per_replica, "vllm_engine_kwargs": dict(r.vllm_engine_kwargs),
+            **{k: getattr(r, k) for k in same}}
 
 
-def refiner_url(cfg: MiddoConfig) -> str:
-    """Base HTTP URL of the refiner app (a wildcard bind host is reached through loopback)."""
+def judge_args(cfg: MiddoConfig, model: str) -> dict[str, Any]:
+    """Arguments of the judge app (``refine.judge='current'``): the refiner's limits and security, the
+    round's checkpoint as its model, on the transformers engine (the probability judge needs it)."""
+    r = cfg.refine
+    args = refiner_args(cfg)
+    args.update(model=model, engine="transformers", openai_base_url=None, vllm_engine_kwargs={},
+                num_replicas=r.judge_replicas, autoscale=False, num_cpus=r.judge_cpus_per_replica,
+                num_gpus=r.judge_gpus_per_replica)
+    return args
+
+
+def judge_app_name(cfg: MiddoConfig) -> str:
+    return f"{cfg.refine.app_name}-judge"
+
+
+def refiner_url(cfg: MiddoConfig, route_prefix: str | None = None) -> str:
+    """Base HTTP URL of the refiner app, or of the app at ``route_prefix`` (a wildcard bind host is
+    reached through loopback)."""
     r = cfg.refine
     host = "127.0.0.1" if r.http_host in ("0.0.0.0", "::", "") else r.http_host
-    prefix = r.route_prefix.rstrip("/")
+    prefix = (r.route_prefix if route_prefix is None else route_prefix).rstrip("/")
     return f"http://{host}:{r.http_port}{prefix}"
 
 
@@ -145,15 +162,41 @@ def start_refiner(cfg: MiddoConfig, health_timeout_s: float = HEALTH_TIMEOUT_S):
     return handle
 
 
+def start_judge(cfg: MiddoConfig, model: str, health_timeout_s: float = HEALTH_TIMEOUT_S):
+    """Deploys (or redeploys) the judge app serving ``model``, the round's checkpoint M_t.
+
+    The judge is a second application of the same Serve app code (its own name and route prefix,
+    ``refine.judge_route_prefix``), so it has every route and limit of the refiner. Running it again with
+    another checkpoint replaces its replicas (Serve's rolling update): the judge follows the model being
+    trained while the refiner app keeps the configured teacher.
+
+    Returns:
+        The judge app's DeploymentHandle.
+    """
+    from ray import serve as ray_serve
+
+    r = cfg.refine
+    app = _load_builder()(judge_args(cfg, model))
+    ray_serve.start(http_options={"host": r.http_host, "port": r.http_port})
+    handle = ray_serve.run(app, name=judge_app_name(cfg), route_prefix=r.judge_route_prefix)
+    url = refiner_url(cfg, r.judge_route_prefix)
+    info = _wait_healthy(url, health_timeout_s)
+    logger.info("judge '%s' healthy at %s (model %s)", judge_app_name(cfg), url, info.get("model"))
+    return handle
+
+
 def stop_refiner(cfg: MiddoConfig) -> None:
-    """Deletes the refiner app; shuts Serve down only when no other application is left on it.
+    """Deletes the refiner and judge apps; shuts Serve down only when no other application is left.
 
     On a shared cluster other Serve apps may run next to ours, and they must survive our job.
     """
     from ray import serve as ray_serve
 
     try:
-        ray_serve.delete(cfg.refine.app_name)
+        running = ray_serve.status().applications
+        for name in (cfg.refine.app_name, judge_app_name(cfg)):
+            if name in running:
+                ray_serve.delete(name)
         others = ray_serve.status().applications
     except Exception as exc:  # Serve already gone: nothing left to delete.
         logger.info("refiner app '%s' not deleted: %s", cfg.refine.app_name, exc)
@@ -392,8 +435,18 @@ def _failed(result: dict, reason: str) -> dict:
                         quality_after=result.get("quality_after")).model_dump()
 
 
+def _info(handle, what: str) -> dict:
+    """The app's identity (engine, model, revision, judge modes); a cheap call, so the request timeout
+    (possibly tiny) does not apply to it."""
+    try:
+        return handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
+    except Exception as exc:
+        raise RuntimeError(f"the {what} service does not answer info(): {type(exc).__name__}: {exc}; "
+                           f"the stage stops (no sample was changed)") from exc
+
+
 def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
-                cache_dir: str | Path | None = None) -> RefineOutcome:
+                cache_dir: str | Path | None = None, judge: Callable[[], Any] | None = None) -> RefineOutcome:
     """Refines jobs through the deployment handle: cached, bounded, timed out, re-judged.
 
     Args:
@@ -405,6 +458,10 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
         seed: Run seed; each request's seed is derived from it, so reruns ask the same questions.
         cache_dir: Directory of the LLM-call cache (e.g. ``runs/<id>/cache/llm``); None or
             ``cfg.cache = false`` disables caching.
+        judge: Returns the handle of the app that re-judges rewrites (the judge app serving the round's
+            checkpoint, :func:`start_judge`); called only when there is a rewrite to judge, so no judge is
+            deployed for a round whose rewrites all failed. None = the refiner app judges
+            (``refine.judge='teacher'``).
 
     Returns:
         A RefineOutcome with one result per job, in job order, and the counts.
@@ -420,12 +477,7 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
     cache = LLMCallCache(cache_dir) if (cache_dir is not None and cfg.cache) else None
     results: list[dict | None] = [None] * len(jobs)
     if plan:
-        try:
-            # A cheap call: the request timeout (possibly tiny) does not apply to it.
-            ident = handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
-        except Exception as exc:
-            raise RuntimeError(f"the refiner service does not answer info(): {type(exc).__name__}: {exc}; "
-                               f"the stage stops (no sample was changed)") from exc
+        ident = _info(handle, "refiner")
         calls = []
         for positions, request in plan:
             what = (f"refine request ({request['operation']}, {len(positions)} samples, "
@@ -441,8 +493,12 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
             got = _checked_results(call, [s["sample_id"] for s in request["samples"]])
             for pos, res in zip(positions, got):
                 results[pos] = RefineResult.model_validate(res).model_dump()
-        if cfg.accept != "none":
-            _rejudge(jobs, results, handle, cfg, seed, ident, cache, stats)  # type: ignore[arg-type]
+        if cfg.accept != "none" and any(r["status"] == "ok" for r in results):  # type: ignore[index]
+            judge_handle = judge() if judge is not None else handle
+            judge_ident = _info(judge_handle, "judge") if judge is not None else ident
+            stats["judge_model"] = judge_ident.get("model")
+            stats["judge_revision"] = judge_ident.get("revision")
+            _rejudge(jobs, results, judge_handle, cfg, seed, judge_ident, cache, stats)  # type: ignore[arg-type]
 
     by_op: dict[str, dict[str, int]] = {}
     for job, res in zip(jobs, results):

@@ -39,6 +39,7 @@ can be given as key=value).
 # of this module's globals.
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any, Literal
@@ -47,7 +48,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -71,12 +72,16 @@ class RefinerArgs(BaseModel):
 
     model: str = Field("smollm2", description="Model: 'smollm2', 'tiny', an HF path/id, or the endpoint's model name.")
     dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16' or 'float16' (transformers engine).")
-    engine: Literal["transformers", "openai"] = Field("transformers", description="'transformers' or 'openai'.")
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="'transformers' (in the replica), 'vllm' (Ray Serve LLM's vLLM deployment, composed "
+                                    "into this app) or 'openai' (an external endpoint).")
     openai_base_url: str | None = Field(None, description="engine 'openai': the endpoint's base URL.")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the env var with its key.")
     openai_prefill: bool = Field(False, description="engine 'openai': the endpoint supports continue_final_message.")
     openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight per replica.")
     openai_timeout_s: float = Field(300.0, gt=0, description="engine 'openai': timeout of one request.")
+    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="engine 'vllm': vLLM engine "
+                                                                                 "arguments (LLMConfig.engine_kwargs).")
     num_replicas: int = Field(1, ge=1, description="Replicas of the deployment (when not autoscaling).")
     autoscale: bool = Field(False, description="Autoscale between min_replicas and max_replicas.")
     min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas.")
@@ -97,6 +102,19 @@ class RefinerArgs(BaseModel):
     http_host: str = Field("127.0.0.1", description="Host Serve's HTTP proxy binds (checked: a key is required "
                                                     "beyond loopback).")
     log_text: bool = Field(False, description="Log sample text at debug level.")
+
+
+    @field_validator("vllm_engine_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_text(cls, value: Any) -> Any:
+        """``serve run ... vllm_engine_kwargs='{"max_model_len": 4096}'`` passes JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"vllm_engine_kwargs must be a JSON object, e.g. '{{\"max_model_len\": 4096}}' "
+                                 f"({exc})") from None
+        return value
 
 
 DEFAULT_ARGS: dict[str, Any] = RefinerArgs().model_dump()
@@ -186,8 +204,10 @@ class Refiner:
         engine_key: The external endpoint's key (engine 'openai').
     """
 
-    def __init__(self, args: dict, api_key_digest: str | None = None, engine_key: SecretStr | None = None) -> None:
+    def __init__(self, args: dict, api_key_digest: str | None = None, engine_key: SecretStr | None = None,
+                 llm=None) -> None:
         from middo_ray.models import threads_for_actor
+        from serve.engine import vllm_max_model_len
 
         a = RefinerArgs.model_validate(args)
         self._args = a
@@ -197,7 +217,9 @@ class Refiner:
         self._engine = make_engine(
             a.engine, a.model, dtype=a.dtype, openai_base_url=a.openai_base_url,
             openai_api_key=engine_key.get_secret_value() if engine_key else None, openai_prefill=a.openai_prefill,
-            openai_max_parallel=a.openai_max_parallel, openai_timeout_s=a.openai_timeout_s, max_batch=a.batch_max_rows)
+            openai_max_parallel=a.openai_max_parallel, openai_timeout_s=a.openai_timeout_s, max_batch=a.batch_max_rows,
+            llm_handle=llm,
+            max_model_len=vllm_max_model_len(a.model, a.vllm_engine_kwargs) if a.engine == "vllm" else None)
         engine_cap = self._engine.max_new_tokens_limit
         self._token_limit = min(a.max_new_tokens_limit, engine_cap) if engine_cap else a.max_new_tokens_limit
         # Generation and probability judging both saturate the replica; one runs at a time.
@@ -232,7 +254,16 @@ class Refiner:
         return parts
 
     async def _generate(self, rows: list[GenRow]) -> list[GenOut]:
-        """Generates any number of rows through the batcher, in pieces of at most batch_max_rows."""
+        """Generates any number of rows through the batcher, in pieces of at most batch_max_rows.
+
+        An engine that schedules concurrent requests itself (vLLM: continuous batching) gets the rows
+        at once instead: a second batcher in front of it would only add its wait.
+        """
+        direct = getattr(self._engine, "agenerate_rows", None)
+        if direct is not None:
+            outs = await direct(rows)
+            self._metrics.count_tokens(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+            return outs
         size = self._args.batch_max_rows
         pieces = await asyncio.gather(*(self._generate_batch(rows[i:i + size]) for i in range(0, len(rows), size)))
         return [o for piece in pieces for o in piece]
@@ -390,9 +421,16 @@ class Refiner:
 
     # ----- health and identity -----------------------------------------------------------------
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        """Liveness and the served model (no key needed)."""
+    @api.get("/healthz", responses={503: {"description": "The model engine behind the app is not healthy."}})
+    async def healthz(self):
+        """Liveness of the app and of its model engine, and the served model (no key needed)."""
+        check = getattr(self._engine, "health", None)
+        if check is not None:
+            try:
+                await asyncio.wait_for(check(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready to serve"
+                return JSONResponse(status_code=503, content={"status": "unhealthy", "model": self._engine.model_id,
+                                                              "reason": f"engine check failed: {type(exc).__name__}"})
         return {"status": "ok", "model": self._engine.model_id}
 
     async def info(self) -> dict:
@@ -444,9 +482,21 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
     }
     if a.autoscale:
-        options["num_replicas"] = "auto"
-        options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                         "target_ongoing_requests": a.target_ongoing_requests}
+        scaling: dict[str, Any] = {"num_replicas": "auto", "autoscaling_config": {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests}}
     else:
-        options["num_replicas"] = a.num_replicas
-    return Refiner.options(**options).bind(a.model_dump(), digest, engine_key)
+        scaling = {"num_replicas": a.num_replicas}
+    options.update(scaling)
+    llm = None
+    if a.engine == "vllm":
+        from serve.engine import vllm_deployment
+
+        # The model runs in Ray Serve LLM's deployment (its own replicas, CPUs/GPUs and scaling); the
+        # ingress only renders prompts and checks outputs, so it reserves no GPU. vLLM queues what it
+        # cannot schedule yet, so the LLM deployment takes every request the ingress lets through.
+        options["ray_actor_options"] = {"num_cpus": min(a.num_cpus, 1.0), "num_gpus": 0}
+        llm = vllm_deployment(a.model, a.dtype, a.vllm_engine_kwargs,
+                              {**scaling, "max_ongoing_requests": max(1024, a.max_ongoing_requests * 64)},
+                              gpus=a.num_gpus, app_tag="middo")
+    return Refiner.options(**options).bind(a.model_dump(), digest, engine_key, llm)

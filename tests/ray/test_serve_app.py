@@ -558,6 +558,84 @@ def test_refine_jobs_rejudges_rewrites_before_accepting(refiner):
 
 
 # ---------------------------------------------------------------------------------------------
+# The judge follows the model being trained (refine.judge='current').
+
+
+@pytest.fixture(scope="module")
+def round_checkpoints(tmp_path_factory, tiny_model):
+    """Two distinct checkpoints standing in for M_1 and M_2: the tiny model with different weight noise."""
+    import torch
+
+    from middo_ray.models import load_model
+
+    paths = []
+    for seed in (1, 2):
+        model, tok = load_model(tiny_model, dtype="float32")
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.5 * torch.randn(param.shape, generator=gen))
+        out = tmp_path_factory.mktemp(f"m{seed}")
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        paths.append(str(out))
+    return paths
+
+
+def _qualities(response: dict) -> list[float | None]:
+    return [r["quality"] for r in response["results"]]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_checkpoints):
+    """With refine.judge='current' the loop's judge app serves the checkpoint it is handed: its scores are
+    that model's own (equal to a direct engine run, different from the teacher's); moving to the next
+    round's checkpoint redeploys it; and refine_jobs re-judges rewrites with it (the counts name the judge,
+    quality_before is the judge model's score of the original)."""
+    from ray import serve as ray_serve
+
+    from middo_ray.loop import Refiner
+    from middo_ray.refine import judge_app_name, refine_jobs
+    from middo_ray.schema import JudgeRequest
+    from serve.engine import TransformersEngine, model_fingerprint
+    from serve.logic import run_judge
+
+    cfg, teacher, _ = refiner
+    services = Refiner(cfg)
+    services.handle = teacher            # the module's app is the teacher; only the judge is deployed here
+    rows = [{"sample_id": "q1", "instruction": "Name a primary colour.", "output": "Red."},
+            {"sample_id": "q2", "instruction": "Add 12 and 30.", "input": "Show the sum.", "output": "42"}]
+    request = JudgeRequest.model_validate({"samples": rows, "mode": "prob"})
+    teacher_q = _qualities(teacher.judge.remote(request.model_dump()).result(timeout_s=120))
+    try:
+        handles = []
+        for model in round_checkpoints:
+            handle = services.judge(model)
+            handles.append(handle)
+            info = handle.info.remote().result(timeout_s=120)
+            assert info["model"] == model and info["revision"] == model_fingerprint(model)
+            served = _qualities(handle.judge.remote(request.model_dump()).result(timeout_s=120))
+            direct = _qualities(run_judge(TransformersEngine(model), request).model_dump())
+            assert served == pytest.approx(direct, abs=1e-4)
+            assert max(abs(a - b) for a, b in zip(served, teacher_q)) > 1e-3
+        assert services.judge(round_checkpoints[1]) is handles[1]      # same model: no redeploy
+
+        jobs = _jobs(9, "jc")
+        accept_all = cfg.refine.model_copy(update={"accept": "min_score", "accept_min_score": 0.0, "max_retries": 2})
+        out = refine_jobs(jobs, teacher, accept_all, seed=3, judge=lambda: services.judge(round_checkpoints[1]))
+        ok = [i for i, r in enumerate(out.results) if r["status"] == "ok"]
+        assert ok, "the tiny teacher produced no valid rewrite to judge; pick another seed"
+        assert out.counts["judge_model"] == round_checkpoints[1] and out.counts["judged"] == len(ok)
+        originals = JudgeRequest.model_validate({"samples": [
+            {k: jobs[i][k] for k in ("sample_id", "instruction", "input", "output")} for i in ok], "mode": "prob"})
+        want = _qualities(run_judge(TransformersEngine(round_checkpoints[1]), originals).model_dump())
+        assert [out.results[i]["quality_before"] for i in ok] == pytest.approx(want, abs=1e-4)
+    finally:
+        ray_serve.delete(judge_app_name(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
 # SmolLM2, for real (slow on 2 CPUs).
 
 
