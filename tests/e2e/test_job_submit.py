@@ -97,7 +97,13 @@ def test_job_submit_runs_the_loop_and_leaves_outputs(ray_head, tmp_path):
             "python", "jobs/middo_job.py", "--config", "jobs/tiny.yaml",
             "--set", f"run.output_dir={out}", "--set", f"refine.http_port={_free_port()}"]
     t0 = time.time()
-    proc = _run(args, env, 1400, check=False)
+    # Right after `ray start` the head's job agent may not be registered yet; the submission is then
+    # refused before any job exists, so asking again is safe.
+    for _ in range(40):
+        proc = _run(args, env, 1400, check=False)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     log = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, f"job failed after {time.time() - t0:.0f}s:\n{log}"
     assert re.search(r"Job '\S+' succeeded", proc.stdout + proc.stderr), log

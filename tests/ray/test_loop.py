@@ -42,6 +42,11 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
     assert info["rows_in"] == info["train"] + info["heldout"] + info["rejected"]
     manifest = json.loads((run / "round_1" / "manifest.json").read_text())
     assert manifest["converge"]["stop"] and "max_rounds" in manifest["converge"]["reason"]
+    # refine.judge=current: round 1's rewrites are judged by M_0, the checkpoint round 1 diagnosed with.
+    refine_counts = manifest["stages"]["refine"]["counts"]
+    assert refine_counts["judged"] >= 1, "the tiny teacher produced no valid rewrite; the judge went untested"
+    m0 = json.loads((run / "round_0" / "manifest.json").read_text())["stages"]["train"]["model_dir"]
+    assert refine_counts["judge_model"] == m0
     lineage = pq.read_table(run / "final" / "lineage.parquet").to_pylist()
     assert len(lineage) == first["sizes"][-1]
     assert (run / "report.html").is_file()

@@ -34,3 +34,17 @@ def test_cross_section_rule_names_the_fix():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_refine_engine_and_judge_rules_name_the_fix():
+    """The refine section's cross-field rules: a teacher without token probabilities cannot judge in 'prob'
+    mode, vLLM arguments need the vLLM engine, and the judge app needs its own route prefix; the current
+    checkpoint as judge (the default) lifts the first rule."""
+    with pytest.raises(ConfigError) as exc:
+        build_config({"refine": {"engine": "vllm", "judge": "teacher", "judge_mode": "prob", "judge_route_prefix": "/"}})
+    text = str(exc.value)
+    assert "refine.judge='current'" in text and "its own prefix" in text
+    with pytest.raises(ConfigError, match="only used with refine.engine='vllm'"):
+        build_config({"refine": {"vllm_engine_kwargs": {"max_model_len": 4096}}})
+    cfg = build_config({"refine": {"engine": "vllm", "judge_mode": "prob", "vllm_engine_kwargs": {"max_model_len": 4096}}})
+    assert cfg.refine.judge == "current" and cfg.refine.vllm_engine_kwargs == {"max_model_len": 4096}
