@@ -11,13 +11,19 @@ requests each, and the benchmark reports requests/s and p50/p99 latency for:
 - ``http-nobatch``: the same over HTTP with ``batch_max_rows=1`` (every request its own forward pass).
 
 ``ratio`` is served requests/s over direct requests/s at the same concurrency (goal: >= 0.8 at 64);
-``batching gain`` is http over http-nobatch. The four modes run one after another (never at the same
+``batching gain`` is http over http-nobatch.
+
+With ``--engine vllm`` (run it with the environment that has vLLM, e.g. ``.venv-vllm/bin/python``) the app
+serves through Ray Serve LLM's vLLM deployment, ``direct`` is vLLM's own offline engine (``vllm.LLM``) on
+the same model and prompt token ids in this process, and ``http-nobatch`` is an app whose vLLM engine runs
+one sequence at a time (``max_num_seqs=1``). The four modes run one after another (never at the same
 time), interleaved per concurrency and repeated ``--repeats`` times; each mode keeps its best run, so
 a burst of load from other processes on a shared machine spoils one run, not the comparison. The load
 generator runs on the same machine as the server: on few cores it takes CPU from it.
 
     .venv/bin/python benchmarks/serve.py                      # tiny model
     .venv/bin/python benchmarks/serve.py --model smollm2 --max-tokens 16 --concurrency 1 8 32
+    .venv-vllm/bin/python benchmarks/serve.py --engine vllm --model smollm2 --json benchmarks/results/serve_vllm.json
 
 Prints a table and writes JSON (default: benchmarks/results/serve.json).
 """
@@ -92,6 +98,32 @@ def _direct(engine, prompts: list[str], concurrency: int, batch_rows: int, max_t
     return _stats(latencies, time.perf_counter() - t0)
 
 
+class VLLMDirect:
+    """vLLM's offline engine in this process, fed exactly what the app's vLLM engine sends (token ids)."""
+
+    def __init__(self, model: str, dtype: str, max_model_len: int, max_num_seqs: int):
+        from vllm import LLM
+
+        from middo_ray.models import load_tokenizer, resolve_model
+
+        self._tok = load_tokenizer(model)
+        self._template = bool(getattr(self._tok, "chat_template", None))
+        self._llm = LLM(model=resolve_model(model), dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+                        max_num_seqs=max_num_seqs, seed=0)
+        self.model_id = model
+
+    def generate_rows(self, rows) -> list:
+        from vllm import SamplingParams
+
+        from serve.engine import render_chat
+
+        prompts = [{"prompt_token_ids": self._tok(render_chat(self._tok, self._template, r.messages),
+                                                  add_special_tokens=not self._template)["input_ids"]}
+                   for r in rows]
+        params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, seed=r.seed) for r in rows]
+        return self._llm.generate(prompts, params, use_tqdm=False)
+
+
 async def _closed_loop(send, prompts: list[str], concurrency: int) -> dict:
     """`concurrency` clients, each sending its share of the prompts back to back."""
     queue = list(enumerate(prompts))
@@ -142,7 +174,10 @@ def bench_handle(handle, model: str, prompts: list[str], concurrency: int, max_t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="'tiny', 'smollm2' or an HF path")
+    ap.add_argument("--model", default=None, help="'tiny', 'smollm2' or an HF path (default: tiny, or tiny-vllm "
+                                                  "with --engine vllm)")
+    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="--engine vllm: context length")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--requests-per-client", type=int, default=3, help="requests per client (at least 16 in all)")
@@ -156,6 +191,10 @@ def main() -> None:
                          "kernels mostly wait on each other)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
+    args.model = args.model or ("tiny-vllm" if args.engine == "vllm" else "tiny")
+    vllm = args.engine == "vllm"
+    if vllm:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     import ray
     from ray import serve
@@ -173,11 +212,15 @@ def main() -> None:
     os.environ["MIDDO_TORCH_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     # The in-process engine is loaded before Ray starts, so its load does not overlap Ray's boot.
-    engine = TransformersEngine(args.model, dtype=args.dtype, max_batch=args.batch_rows)
+    if vllm:
+        engine = VLLMDirect(args.model, args.dtype, args.max_model_len, max_num_seqs=max(args.batch_rows, max_c))
+    else:
+        engine = TransformersEngine(args.model, dtype=args.dtype, max_batch=args.batch_rows)
     model_id = engine.model_id
     bench_direct(engine, _prompts(4), 2, args.batch_rows, args.max_tokens)  # warm-up
 
-    ray.init(num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
+    # vLLM apps: an ingress replica plus an LLM replica and its engine bundle each (logical CPUs).
+    ray.init(num_cpus=max(8 if vllm else 4, int(args.num_cpus) + 2), log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("MIDDO_CACHE", "MIDDO_TORCH_THREADS")
                                        if k in os.environ}})
     port = _free_port()
@@ -186,8 +229,14 @@ def main() -> None:
               "max_ongoing_requests": max_c + 8, "max_queued_requests": 4 * max_c, "batch_wait_s": args.batch_wait_s,
               "max_new_tokens_limit": max(args.max_tokens, 64)}
     # Both apps stay deployed; an idle replica costs memory, not CPU.
-    handle = serve.run(build_app({**common, "batch_max_rows": args.batch_rows}), name="bench", route_prefix="/bench")
-    serve.run(build_app({**common, "batch_max_rows": 1}), name="bench-nobatch", route_prefix="/nobatch")
+    if vllm:
+        common["engine"] = "vllm"
+        batched = {"vllm_engine_kwargs": {"max_model_len": args.max_model_len, "max_num_seqs": max(args.batch_rows, max_c)}}
+        single = {"vllm_engine_kwargs": {"max_model_len": args.max_model_len, "max_num_seqs": 1}}
+    else:
+        batched, single = {"batch_max_rows": args.batch_rows}, {"batch_max_rows": 1}
+    handle = serve.run(build_app({**common, **batched}), name="bench", route_prefix="/bench")
+    serve.run(build_app({**common, **single}), name="bench-nobatch", route_prefix="/nobatch")
     url, url_nb = f"http://127.0.0.1:{port}/bench", f"http://127.0.0.1:{port}/nobatch"
     bench_http(url, model_id, _prompts(4), 2, args.max_tokens)  # warm-ups
     bench_http(url_nb, model_id, _prompts(2), 1, args.max_tokens)
@@ -231,7 +280,8 @@ def main() -> None:
         print(f"{c:>11} | {d['rps']:>8.2f} {h['rps']:>8.2f} {w['rps']:>8.2f} {nb['rps']:>8.2f} | "
               f"{s['handle_over_direct']:>13.2f} {s['http_over_direct']:>11.2f} {s['batching_gain']:>13.2f} | "
               f"{w['p50_ms']:>9.1f} {w['p99_ms']:>9.1f}")
-    result = {"benchmark": "serve", "model": args.model, "max_tokens": args.max_tokens, "batch_rows": args.batch_rows,
+    result = {"benchmark": "serve", "engine": args.engine, "model": args.model, "max_tokens": args.max_tokens,
+              "batch_rows": args.batch_rows,
               "batch_wait_s": args.batch_wait_s, "replica_cpus": args.num_cpus, "cores": os.cpu_count(),
               "repeats": args.repeats, "requests_per_client": args.requests_per_client,
               "torch_threads": args.threads,

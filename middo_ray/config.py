@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from middo_ray.schema import ServeSettings
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -84,23 +86,13 @@ class SelectConfig(_Section):
     ifd_max: float = Field(1.0, gt=0.0, description="IFD above this marks a response its instruction does not explain.")
 
 
-class RefineConfig(_Section):
-    # The teacher/judge engine.
-    engine: Literal["transformers", "vllm", "openai"] = Field(
-        "transformers", description="Engine of the refiner LLM: 'transformers' (the model runs in the Serve replicas), "
-                                    "'vllm' (Ray Serve LLM's vLLM deployment behind the app; needs vllm installed) or "
-                                    "'openai' (an external OpenAI-compatible endpoint at openai_base_url).")
+class RefineConfig(ServeSettings, _Section):
+    """The refine stage, its teacher and judge. The Serve app's engine, scaling, limits and security fields
+    come from :class:`middo_ray.schema.ServeSettings`, shared with the app's own arguments."""
+
+    # The teacher.
     model: str | None = Field(None, description="Refiner/teacher model ('smollm2', 'tiny', an HF path, or the endpoint's "
                                                 "model name for engine 'openai'); default: model.base.")
-    openai_base_url: str | None = Field(None, description="engine 'openai': base URL of the endpoint, e.g. https://host/v1.")
-    openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the environment variable "
-                                                                  "holding the endpoint's API key (never the key itself).")
-    openai_prefill: bool = Field(False, description="engine 'openai': the endpoint continues an assistant prefix "
-                                                    "(continue_final_message; vLLM and this app do, the hosted OpenAI API does not).")
-    openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight to the endpoint per replica.")
-    vllm_engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="engine 'vllm': vLLM engine arguments (Ray Serve LLM's LLMConfig.engine_kwargs), "
-                                          "e.g. {max_model_len: 4096, tensor_parallel_size: 2, gpu_memory_utilization: 0.9}.")
     # Sampling and validation of rewrites.
     max_new_tokens: int = Field(160, ge=1, description="Token cap of each generated prompt or answer.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of rewrites (reference: 1.0).")
@@ -108,7 +100,7 @@ class RefineConfig(_Section):
     max_retries: int = Field(1, ge=0, description="Extra attempts when an output fails validation; then the original is kept.")
     prefill_marker: bool = Field(True, description="Begin the teacher's rewrite with the marker (needed for small teachers; "
                                                    "false = the reference's free four-step answer).")
-    # Acceptance: every valid rewrite is re-judged by the refiner's model before it replaces anything.
+    # Acceptance: every valid rewrite is re-judged before it replaces anything.
     accept: Literal["none", "not_worse", "min_score"] = Field(
         "not_worse", description="Re-judge rule: 'not_worse' keeps a rewrite whose judged quality is at least the "
                                  "original's minus accept_tolerance; 'min_score' keeps one scoring at least "
@@ -121,8 +113,8 @@ class RefineConfig(_Section):
                             "generated number), 'auto' = prob when the engine gives probabilities, else generate.")
     judge: Literal["current", "teacher"] = Field(
         "current", description="Who re-judges rewrites: 'current' = the model being trained (the round's checkpoint "
-                               "M_t, served by a second Serve app that is redeployed each round; the same judge as "
-                               "the diagnosis, as in Middo), 'teacher' = the refiner's own model.")
+                               "M_t, served by a second Serve app for each round's refine stage; the same judge "
+                               "as the diagnosis, as in Middo), 'teacher' = the refiner's own model.")
     judge_replicas: int = Field(1, ge=1, description="judge='current': replicas of the judge app.")
     judge_cpus_per_replica: float = Field(1.0, gt=0, description="judge='current': logical CPUs per judge replica.")
     judge_gpus_per_replica: float = Field(0.0, ge=0, description="judge='current': GPUs per judge replica.")
@@ -136,33 +128,11 @@ class RefineConfig(_Section):
     cache: bool = Field(True, description="Cache LLM calls by content (request, model, revision, sampling) in the run "
                                           "directory, so a rerun or resumed run repeats none.")
     # The Serve deployment.
-    num_replicas: int = Field(1, ge=1, description="Replicas of the refiner deployment (fixed; see autoscale).")
-    autoscale: bool = Field(False, description="Let Serve scale replicas between min_replicas and max_replicas "
-                                               "(clusters); num_replicas is then ignored.")
-    min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas (0 lets the app scale to zero).")
-    max_replicas: int = Field(4, ge=1, description="autoscale: most replicas.")
-    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscale: ongoing requests per replica Serve aims for.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
-    max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once (batched together).")
-    max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more are refused "
-                                                           "with 503 and Retry-After.")
-    retry_after_s: float = Field(2.0, ge=0, description="Retry-After (seconds) sent with a 503.")
-    batch_max_rows: int = Field(16, ge=1, description="Most prompts in one dynamic batch (one forward batch) of the engine.")
-    batch_wait_s: float = Field(0.1, ge=0, description="How long a dynamic batch waits to fill up (longer fills "
-                                                        "batches better when a batch takes seconds, as on CPU; "
-                                                        "shorter cuts latency on fast GPUs).")
-    # HTTP limits and security.
-    max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples in one refine/judge request (413 above).")
-    max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens one request may ask to generate per item (413 above).")
-    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="HTTP: largest request body in bytes (413 above).")
-    api_key_env: str = Field("MIDDO_SERVE_API_KEY", description="NAME of the environment variable holding the app's API "
-                                                                "key (clients send 'Authorization: Bearer <key>'). "
-                                                                "Required when http_host is not a loopback address.")
-    log_text: bool = Field(False, description="Log sample text at debug level (off: logs carry counts and ids only).")
+    # The Serve application.
     app_name: str = Field("middo-refiner", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="HTTP route prefix of the Serve app.")
-    http_host: str = Field("127.0.0.1", description="Serve HTTP host.")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port.")
 
     @model_validator(mode="after")

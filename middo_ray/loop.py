@@ -279,7 +279,9 @@ class Refiner:
 
     The refiner app keeps the configured teacher for the whole run. The judge app
     (``refine.judge='current'``) serves the round's checkpoint: asked for another model than it serves,
-    it is redeployed with that one, so the judge follows the model being trained.
+    it is redeployed with that one, so the judge follows the model being trained. The loop releases it
+    after each refine stage: its next model only exists after the next training, and its CPUs or GPUs are
+    then free for training and evaluation.
     """
 
     def __init__(self, cfg: MiddoConfig):
@@ -306,6 +308,16 @@ class Refiner:
             self.judge_model = model
         return self.judge_handle
 
+    def release_judge(self) -> None:
+        """Deletes the judge app (if one runs); the teacher app stays."""
+        if self.judge_handle is not None:
+            from ray import serve as ray_serve
+
+            from middo_ray.refine import judge_app_name
+
+            ray_serve.delete(judge_app_name(self.cfg))
+            self.judge_handle = self.judge_model = None
+
     def stop(self) -> None:
         if self.handle is not None or self.judge_handle is not None:
             from middo_ray.refine import stop_refiner
@@ -325,8 +337,11 @@ def stage_refine(cfg: MiddoConfig, stage: Stage, jobs: list[dict], refiner: Refi
     if jobs:
         judge = (lambda: refiner.judge(current_model)) if cfg.refine.judge == "current" else None
         # LLM calls are cached by content in the run directory: a rerun or resumed run repeats none.
-        outcome = refine_jobs(jobs, refiner.get(), cfg.refine, seed=cfg.run.seed * 1000 + round_k,
-                              cache_dir=stage.dir.parent.parent / "cache" / "llm", judge=judge)
+        try:
+            outcome = refine_jobs(jobs, refiner.get(), cfg.refine, seed=cfg.run.seed * 1000 + round_k,
+                                  cache_dir=stage.dir.parent.parent / "cache" / "llm", judge=judge)
+        finally:
+            refiner.release_judge()
         results, counts = outcome.results, outcome.counts
     else:
         results, counts = [], {}

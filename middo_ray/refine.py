@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from middo_ray.config import MiddoConfig, RefineConfig
-from middo_ray.schema import RefineResult
+from middo_ray.schema import RefineResult, ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +76,11 @@ def _load_builder(path: str = APP_IMPORT_PATH):
 
 
 def refiner_args(cfg: MiddoConfig) -> dict[str, Any]:
-    """Arguments of ``serve.app:build_app`` derived from the run config."""
+    """Arguments of ``serve.app:build_app`` derived from the run config (the shared ServeSettings fields
+    pass unchanged)."""
     r = cfg.refine
-    same = ("engine", "openai_base_url", "openai_api_key_env", "openai_prefill", "openai_max_parallel",
-            "num_replicas", "autoscale", "min_replicas", "max_replicas", "target_ongoing_requests",
-            "max_ongoing_requests", "max_queued_requests", "retry_after_s", "batch_max_rows", "batch_wait_s",
-            "max_samples_per_request", "max_new_tokens_limit", "max_body_bytes", "api_key_env", "http_host",
-            "log_text")
     return {"model": r.model or cfg.model.base, "dtype": cfg.model.dtype, "num_cpus": r.cpus_per_replica,
-            "num_gpus": r.gpus_per_replica, "vllm_engine_kwargs": dict(r.vllm_engine_kwargs),
-            **{k: getattr(r, k) for k in same}}
+            "num_gpus": r.gpus_per_replica, **{k: getattr(r, k) for k in ServeSettings.model_fields}}
 
 
 def judge_args(cfg: MiddoConfig, model: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TEXT_COLUMNS = ("instruction", "input", "output", "system", "history")
 LINEAGE_COLUMNS = ("sample_id", "parent_id", "origin", "round", "trigger")
@@ -200,3 +200,65 @@ class JudgeResponse(_Wire):
     mode: JudgeMode
     model: str
     results: list[JudgeResult]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the refiner Serve app that the run config and the app's own arguments share.
+
+
+class ServeSettings(BaseModel):
+    """The refiner app's engine, scaling, limits and security settings.
+
+    One definition for both sides: the run config's ``refine`` section (``middo_ray.config.RefineConfig``)
+    and the app's arguments (``serve.app.RefinerArgs``, for ``serve run serve.app:build_app key=value``)
+    inherit these fields, and the loop passes them across unchanged.
+    """
+
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="Engine of the refiner LLM: 'transformers' (the model runs in the Serve replicas), "
+                                    "'vllm' (Ray Serve LLM's vLLM deployment behind the app; needs vllm installed) or "
+                                    "'openai' (an external OpenAI-compatible endpoint at openai_base_url).")
+    openai_base_url: str | None = Field(None, description="engine 'openai': base URL of the endpoint, e.g. https://host/v1.")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the environment variable "
+                                                                  "holding the endpoint's API key (never the key itself).")
+    openai_prefill: bool = Field(False, description="engine 'openai': the endpoint continues an assistant prefix "
+                                                    "(continue_final_message; vLLM and this app do, the hosted OpenAI API does not).")
+    openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight to the endpoint per replica.")
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="engine 'vllm': vLLM engine arguments (Ray Serve LLM's LLMConfig.engine_kwargs), "
+                                          "e.g. {max_model_len: 4096, tensor_parallel_size: 2, gpu_memory_utilization: 0.9}.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the refiner deployment (fixed; see autoscale).")
+    autoscale: bool = Field(False, description="Let Serve scale replicas between min_replicas and max_replicas "
+                                               "(clusters); num_replicas is then ignored.")
+    min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas (0 lets the app scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="autoscale: most replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscale: ongoing requests per replica Serve aims for.")
+    max_ongoing_requests: int = Field(16, ge=1, le=1024, description="Requests a replica works on at once (batched together).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more are refused "
+                                                           "with 503 and Retry-After.")
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After (seconds) sent with a 503.")
+    batch_max_rows: int = Field(16, ge=1, le=1024, description="Most prompts in one dynamic batch (one forward batch) "
+                                                               "of the engine.")
+    batch_wait_s: float = Field(0.1, ge=0, le=10, description="How long a dynamic batch waits to fill up (longer fills "
+                                                              "batches better when a batch takes seconds, as on CPU; "
+                                                              "shorter cuts latency on fast GPUs).")
+    max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples in one refine/judge request (413 above).")
+    max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens one request may ask to generate per item (413 above).")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="HTTP: largest request body in bytes (413 above).")
+    api_key_env: str = Field("MIDDO_SERVE_API_KEY", description="NAME of the environment variable holding the app's API "
+                                                                "key (clients send 'Authorization: Bearer <key>'). "
+                                                                "Required when http_host is not a loopback address.")
+    http_host: str = Field("127.0.0.1", description="Host Serve's HTTP proxy binds (a key is required beyond loopback).")
+    log_text: bool = Field(False, description="Log sample text at debug level (off: logs carry counts and ids only).")
+
+    @field_validator("vllm_engine_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_text(cls, value: Any) -> Any:
+        """``serve run ... vllm_engine_kwargs='{"max_model_len": 4096}'`` passes JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"vllm_engine_kwargs must be a JSON object, e.g. '{{\"max_model_len\": 4096}}' "
+                                 f"({exc})") from None
+        return value

@@ -39,82 +39,46 @@ can be given as key=value).
 # of this module's globals.
 
 import asyncio
-import json
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from middo_ray.schema import JudgeRequest, JudgeResponse, RefineRequest, RefineResponse
+from middo_ray.schema import JudgeRequest, JudgeResponse, RefineRequest, RefineResponse, ServeSettings
 from serve import logic
 from serve.engine import GenOut, GenRow, describe, make_engine, row_seed
 from serve.logic import run_refine, sample_prompt  # noqa: F401  (re-exported: the app's public helpers)
 from serve.metrics import MetricsMiddleware, ServeMetrics, set_current
 from serve.openai_api import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ModelCard, ModelList, Usage
-from serve.security import (DEFAULT_KEY_ENV, DEFAULT_MAX_BODY_BYTES, AuthMiddleware, BodyLimitMiddleware, error_body,
-                            is_loopback, key_digest, require_key_off_loopback, set_api_key, set_body_limit)
+from serve.security import (AuthMiddleware, BodyLimitMiddleware, error_body, is_loopback, key_digest,
+                            require_key_off_loopback, set_api_key, set_body_limit)
 
 logger = logging.getLogger(__name__)
 
 
-class RefinerArgs(BaseModel):
-    """Arguments of :func:`build_app` (``serve run serve.app:build_app key=value ...`` passes strings)."""
+class RefinerArgs(ServeSettings):
+    """Arguments of :func:`build_app` (``serve run serve.app:build_app key=value ...`` passes strings).
+
+    The engine, scaling, limits and security fields are :class:`middo_ray.schema.ServeSettings`, the same
+    fields as the run config's ``refine`` section; the loop maps that section onto these arguments.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("smollm2", description="Model: 'smollm2', 'tiny', an HF path/id, or the endpoint's model name.")
-    dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16' or 'float16' (transformers engine).")
-    engine: Literal["transformers", "vllm", "openai"] = Field(
-        "transformers", description="'transformers' (in the replica), 'vllm' (Ray Serve LLM's vLLM deployment, composed "
-                                    "into this app) or 'openai' (an external endpoint).")
-    openai_base_url: str | None = Field(None, description="engine 'openai': the endpoint's base URL.")
-    openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the env var with its key.")
-    openai_prefill: bool = Field(False, description="engine 'openai': the endpoint supports continue_final_message.")
-    openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight per replica.")
+    dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16' or 'float16' (transformers and vllm engines).")
     openai_timeout_s: float = Field(300.0, gt=0, description="engine 'openai': timeout of one request.")
-    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="engine 'vllm': vLLM engine "
-                                                                                 "arguments (LLMConfig.engine_kwargs).")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the deployment (when not autoscaling).")
-    autoscale: bool = Field(False, description="Autoscale between min_replicas and max_replicas.")
-    min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas.")
-    max_replicas: int = Field(4, ge=1, description="autoscale: most replicas.")
-    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscale: ongoing requests per replica aimed at.")
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica (torch uses every core of the "
                                                     "node unless MIDDO_TORCH_THREADS says otherwise).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
-    max_ongoing_requests: int = Field(16, ge=1, le=1024, description="Requests a replica works on at once (batched).")
-    max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more get 503.")
-    retry_after_s: float = Field(2.0, ge=0, description="Retry-After seconds sent with a 503.")
-    batch_max_rows: int = Field(16, ge=1, le=1024, description="Most rows in one dynamic batch.")
-    batch_wait_s: float = Field(0.1, ge=0, le=10, description="How long a dynamic batch waits to fill up.")
-    max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples per refine/judge request (413).")
-    max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens to generate per item (413).")
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="HTTP: largest request body in bytes (413).")
-    api_key_env: str = Field(DEFAULT_KEY_ENV, description="NAME of the env var with the app's API key.")
-    http_host: str = Field("127.0.0.1", description="Host Serve's HTTP proxy binds (checked: a key is required "
-                                                    "beyond loopback).")
-    log_text: bool = Field(False, description="Log sample text at debug level.")
-
-
-    @field_validator("vllm_engine_kwargs", mode="before")
-    @classmethod
-    def _kwargs_from_text(cls, value: Any) -> Any:
-        """``serve run ... vllm_engine_kwargs='{"max_model_len": 4096}'`` passes JSON text."""
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"vllm_engine_kwargs must be a JSON object, e.g. '{{\"max_model_len\": 4096}}' "
-                                 f"({exc})") from None
-        return value
 
 
 DEFAULT_ARGS: dict[str, Any] = RefinerArgs().model_dump()

@@ -591,8 +591,8 @@ def _qualities(response: dict) -> list[float | None]:
 def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_checkpoints):
     """With refine.judge='current' the loop's judge app serves the checkpoint it is handed: its scores are
     that model's own (equal to a direct engine run, different from the teacher's); moving to the next
-    round's checkpoint redeploys it; and refine_jobs re-judges rewrites with it (the counts name the judge,
-    quality_before is the judge model's score of the original)."""
+    round's checkpoint redeploys it; refine_jobs re-judges rewrites with it (the counts name the judge,
+    quality_before is the judge model's score of the original); releasing it leaves the teacher running."""
     from ray import serve as ray_serve
 
     from middo_ray.loop import Refiner
@@ -632,7 +632,9 @@ def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_che
         want = _qualities(run_judge(TransformersEngine(round_checkpoints[1]), originals).model_dump())
         assert [out.results[i]["quality_before"] for i in ok] == pytest.approx(want, abs=1e-4)
     finally:
-        ray_serve.delete(judge_app_name(cfg))
+        services.release_judge()
+    assert judge_app_name(cfg) not in ray_serve.status().applications
+    assert cfg.refine.app_name in ray_serve.status().applications       # the teacher stays
 
 
 # ---------------------------------------------------------------------------------------------
