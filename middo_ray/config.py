@@ -140,9 +140,9 @@ class RefineConfig(ServeSettings, _Section):
         problems = []
         if self.engine == "openai" and not self.openai_base_url:
             problems.append("engine 'openai' needs refine.openai_base_url (e.g. https://host/v1)")
-        if self.engine in ("openai", "vllm") and self.judge == "teacher" and self.judge_mode == "prob":
-            problems.append(f"engine '{self.engine}' gives no token probabilities to the judge; set refine.judge_mode "
-                            f"to 'generate' or 'auto', or refine.judge='current'")
+        if self.engine == "openai" and self.judge == "teacher" and self.judge_mode == "prob":
+            problems.append("engine 'openai' gives no token probabilities to the judge; set refine.judge_mode "
+                            "to 'generate' or 'auto', or refine.judge='current'")
         if self.vllm_engine_kwargs and self.engine != "vllm":
             problems.append("refine.vllm_engine_kwargs is only used with refine.engine='vllm'; remove it or set the engine")
         if self.judge_route_prefix == self.route_prefix:

@@ -312,9 +312,13 @@ class Refiner:
                 raise ClientError(422, "template 'chat' needs a tokenizer with a chat template, and this model has "
                                        "none; use 'default' or 'auto'")
             rows = [s.model_dump() for s in body.samples]
-            async with self._compute:
-                scores = await asyncio.to_thread(self._engine.judge_prob, rows, body.template,  # type: ignore[attr-defined]
-                                                 body.cutoff_len)
+            scheduled = getattr(self._engine, "ajudge_prob", None)
+            if scheduled is not None:       # vLLM schedules the scoring requests itself
+                scores = await scheduled(rows, body.template, body.cutoff_len)
+            else:
+                async with self._compute:
+                    scores = await asyncio.to_thread(self._engine.judge_prob, rows, body.template,  # type: ignore[attr-defined]
+                                                     body.cutoff_len)
         else:
             self._check_tokens(body.sampling.max_new_tokens)
             scores = await logic.judge_generate(self._generate, body)

@@ -146,6 +146,17 @@ def render_chat(tok, use_template: bool, messages: list[dict[str, str]] | str, c
     return text + (messages[-1]["content"] if continue_final else "")
 
 
+def _score_tokens_or_none(tok, model: str):
+    """The score tokens of the probability-weighted judge, or None when a digit is several tokens."""
+    from middo_ray.diagnose import score_tokens
+
+    try:
+        return score_tokens(tok)
+    except ValueError:
+        logger.warning("model %s splits digits into several tokens: judge mode 'prob' is off", model)
+        return None
+
+
 def model_fingerprint(path: str) -> str:
     """A short content fingerprint of a checkpoint (for cache keys): a local directory, or a hub id's cached snapshot.
 
@@ -256,7 +267,7 @@ class TransformersEngine:
         self._use_template = bool(getattr(self._tok, "chat_template", None))
         self._eos_ids = self._stop_ids()
         self._max_positions = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
-        self._prob_judge = self._digits_are_tokens()
+        self._prob_judge = _score_tokens_or_none(self._tok, model) is not None
         import torch
 
         # torch's thread count is per OS thread (OpenMP); the Serve replica computes in worker threads,
@@ -268,17 +279,6 @@ class TransformersEngine:
 
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
-
-    def _digits_are_tokens(self) -> bool:
-        """The probability-weighted judge needs every digit 0-9 to be one token."""
-        from middo_ray.diagnose import score_tokens
-
-        try:
-            score_tokens(self._tok)
-            return True
-        except ValueError:
-            logger.warning("model %s splits digits into several tokens: judge mode 'prob' is off", self._spec)
-            return False
 
     @property
     def model_id(self) -> str:
@@ -463,6 +463,7 @@ class VLLMEngine:
         self._llm = llm_handle
         self._handle = llm_handle.options(stream=True)
         self._max_len = int(max_model_len)
+        self._score_tokens = _score_tokens_or_none(self._tok, model)
 
     @property
     def model_id(self) -> str:
@@ -474,7 +475,8 @@ class VLLMEngine:
 
     @property
     def supports_prob_judge(self) -> bool:
-        return False
+        """Judge mode 'prob' works when every digit is one token (vLLM returns their exact log-probabilities)."""
+        return self._score_tokens is not None
 
     @property
     def supports_prefill(self) -> bool:
@@ -519,6 +521,87 @@ class VLLMEngine:
         return GenOut(text=(choice.text or "").strip(), prompt_tokens=len(ids),
                       completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                       finish_reason="length" if choice.finish_reason == "length" else "stop")
+
+    async def _token_probs(self, ids: list[int], wanted: list[int]) -> dict[int, float]:
+        """Probabilities of the ``wanted`` token ids as the next token after ``ids`` (full softmax, exact).
+
+        One completion of one token with vLLM's ``logprob_token_ids``: the log-probabilities of exactly
+        these ids at the generated position, not a top-k list.
+        """
+        from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
+
+        request = CompletionRequest(model=VLLM_SERVED_ID, prompt=ids, max_tokens=1, temperature=0.0,
+                                    logprobs=len(wanted), logprob_token_ids=wanted, return_tokens_as_token_ids=True)
+        answer = None
+        async for item in self._handle.completions.remote(request):
+            answer = item
+        if answer is None or isinstance(answer, ErrorResponse):
+            message = answer.error.message if answer is not None else "no response"
+            raise RuntimeError(f"the vLLM deployment refused a scoring request: {message}")
+        top = answer.choices[0].logprobs.top_logprobs[0]
+        import math
+
+        got = {int(k.rsplit(":", 1)[1]): math.exp(v) for k, v in top.items() if k.startswith("token_id:")}
+        return {t: got.get(t, 0.0) for t in wanted}
+
+    async def _score_dist(self, ids: list[int]) -> tuple[list[float], float | None, float | None]:
+        """(P(digit 0..9), P("0" | "1") or None, P("10") or None) at the judge's answer position."""
+        st = self._score_tokens
+        wanted = list(st.digits) + ([st.ten] if st.ten is not None else [])
+        probs = await self._token_probs(ids, wanted)
+        first = [probs[d] for d in st.digits]
+        ten = probs[st.ten] if st.ten is not None else None
+        zero = None
+        if st.two_step_ten:   # 10 is spelled "1","0": the prompt plus "1" is a prefix-cache hit in vLLM
+            zero = (await self._token_probs(ids + [st.digits[1]], [st.digits[0]]))[st.digits[0]]
+        return first, zero, ten
+
+    async def ajudge_prob(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
+        """(N, 6) probability-weighted judge scores (NaN = no score), from the same prompts as the diagnosis.
+
+        Each judgement is the diagnosis' judge prompt (``middo_ray.diagnose.judge_sequences``: the sample,
+        then the dimension question) as token ids; vLLM returns the exact probabilities of the score tokens
+        at the answer position and the score is their expectation (``expected_score``), as the transformers
+        engine computes it. The six prompts of a sample share its prefix, which vLLM's prefix cache reuses.
+        """
+        import asyncio
+
+        import numpy as np
+
+        from middo_ray.diagnose import judge_sequences
+        from middo_ray.signals.quality import expected_score
+
+        if self._score_tokens is None:
+            raise ValueError(f"model {self._spec} splits digits into several tokens: judge mode 'prob' is off")
+        if template == "auto":
+            template = "chat" if self._use_template else "default"
+        cutoff_len = min(int(cutoff_len), self._max_len - 16)
+        full = [{"instruction": r.get("instruction", ""), "input": r.get("input") or "",
+                 "output": r.get("output") or "", "system": "", "history": ""} for r in rows]
+        where: list[tuple[int, int]] = []
+        prompts: list[list[int]] = []
+        for t_idx, target in enumerate(("prompt", "response")):
+            bodies, tails = judge_sequences(full, self._tok, template, cutoff_len, target)
+            for i, body in enumerate(bodies):
+                for j, tail in enumerate(tails):
+                    where.append((i, 3 * t_idx + j))
+                    prompts.append(body + tail)
+        dists = await asyncio.gather(*(self._score_dist(ids) for ids in prompts))
+        out = np.full((len(rows), 6), np.nan)
+        if dists:
+            st = self._score_tokens
+            first = np.asarray([d[0] for d in dists], dtype=np.float64)
+            zero = np.asarray([d[1] for d in dists], dtype=np.float64) if st.two_step_ten else None
+            ten = np.asarray([d[2] for d in dists], dtype=np.float64) if st.ten is not None else None
+            for (i, col), score in zip(where, expected_score(first, zero, ten)):
+                out[i, col] = score
+        return out
+
+    def judge_prob(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
+        """Blocking form of :meth:`ajudge_prob`, for callers outside an event loop."""
+        import asyncio
+
+        return asyncio.run(self.ajudge_prob(rows, template, cutoff_len))
 
     async def health(self) -> None:
         """Raises when the vLLM engine is dead (Ray Serve LLM's own health check of the deployment)."""

@@ -41,7 +41,8 @@ def test_refine_engine_and_judge_rules_name_the_fix():
     mode, vLLM arguments need the vLLM engine, and the judge app needs its own route prefix; the current
     checkpoint as judge (the default) lifts the first rule."""
     with pytest.raises(ConfigError) as exc:
-        build_config({"refine": {"engine": "vllm", "judge": "teacher", "judge_mode": "prob", "judge_route_prefix": "/"}})
+        build_config({"refine": {"engine": "openai", "openai_base_url": "http://127.0.0.1:9/v1", "judge": "teacher",
+                                 "judge_mode": "prob", "judge_route_prefix": "/"}})
     text = str(exc.value)
     assert "refine.judge='current'" in text and "its own prefix" in text
     with pytest.raises(ConfigError, match="only used with refine.engine='vllm'"):

@@ -96,9 +96,9 @@ def test_vllm_refine_over_http_accounts_for_every_sample_and_is_seeded(vllm_app,
 
 
 @pytest.mark.timeout(600)
-def test_vllm_app_auth_openai_client_and_judge_modes(vllm_app):
+def test_vllm_app_auth_openai_client_and_generate_judge(vllm_app):
     """The vLLM-backed app keeps the app's contract: 401 without the key, the official openai client works,
-    judge mode 'prob' is refused with 422 naming 'generate' (no token probabilities), 'generate' scores."""
+    judge mode 'generate' answers one result per sample with its count of missing judgements."""
     import openai
 
     _, _, url = vllm_app
@@ -107,13 +107,33 @@ def test_vllm_app_auth_openai_client_and_judge_modes(vllm_app):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=8, seed=1)
     assert reply.model == MODEL and reply.usage.completion_tokens >= 1
-    judge = {"samples": [{"sample_id": "j", "instruction": "Add 2 and 3.", "output": "5"}], "mode": "prob"}
-    refused = httpx.post(f"{url}/v1/judge", json=judge, headers=AUTH, timeout=60)
-    assert refused.status_code == 422 and "generate" in refused.json()["error"]["message"]
-    scored = httpx.post(f"{url}/v1/judge", json={**judge, "mode": "generate"}, headers=AUTH, timeout=300)
+    judge = {"samples": [{"sample_id": "j", "instruction": "Add 2 and 3.", "output": "5"}], "mode": "generate"}
+    scored = httpx.post(f"{url}/v1/judge", json=judge, headers=AUTH, timeout=300)
     assert scored.status_code == 200
     result = scored.json()["results"][0]
     assert result["sample_id"] == "j" and 0 <= result["missing"] <= 6
+
+
+@pytest.mark.timeout(600)
+def test_vllm_prob_judge_equals_the_transformers_engine(vllm_app):
+    """Judge mode 'prob' on vLLM (exact log-probabilities of the score tokens via logprob_token_ids) gives the
+    transformers engine's probability-weighted scores for the same samples, every judgement."""
+    from middo_ray.schema import JudgeRequest
+    from serve.engine import TransformersEngine
+    from serve.logic import run_judge
+
+    _, _, url = vllm_app
+    samples = [{"sample_id": f"p{i}", "instruction": p, "output": "An answer of a few words."}
+               for i, p in enumerate(PROMPTS)]
+    body = {"samples": samples, "mode": "prob"}
+    served = httpx.post(f"{url}/v1/judge", json=body, headers=AUTH, timeout=300)
+    assert served.status_code == 200, served.text
+    local = run_judge(TransformersEngine(MODEL, dtype="float32"), JudgeRequest.model_validate(body)).model_dump()
+    for got, want in zip(served.json()["results"], local["results"]):
+        assert got["missing"] == want["missing"] == 0
+        for part in ("prompt", "response"):
+            for dim, value in want[part].items():
+                assert got[part][dim] == pytest.approx(value, abs=1e-3)
 
 
 @pytest.mark.timeout(900)
