@@ -115,6 +115,9 @@ class RefineConfig(ServeSettings, _Section):
         "current", description="Who re-judges rewrites: 'current' = the model being trained (the round's checkpoint "
                                "M_t, served by a second Serve app for each round's refine stage; the same judge "
                                "as the diagnosis, as in Middo), 'teacher' = the refiner's own model.")
+    judge_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="judge='current': engine of the judge app (both give the probability judge; "
+                                    "'vllm' uses refine.vllm_engine_kwargs too).")
     judge_replicas: int = Field(1, ge=1, description="judge='current': replicas of the judge app.")
     judge_cpus_per_replica: float = Field(1.0, gt=0, description="judge='current': logical CPUs per judge replica.")
     judge_gpus_per_replica: float = Field(0.0, ge=0, description="judge='current': GPUs per judge replica.")
@@ -143,8 +146,9 @@ class RefineConfig(ServeSettings, _Section):
         if self.engine == "openai" and self.judge == "teacher" and self.judge_mode == "prob":
             problems.append("engine 'openai' gives no token probabilities to the judge; set refine.judge_mode "
                             "to 'generate' or 'auto', or refine.judge='current'")
-        if self.vllm_engine_kwargs and self.engine != "vllm":
-            problems.append("refine.vllm_engine_kwargs is only used with refine.engine='vllm'; remove it or set the engine")
+        if self.vllm_engine_kwargs and "vllm" not in (self.engine, self.judge_engine):
+            problems.append("refine.vllm_engine_kwargs is only used with refine.engine='vllm' or "
+                            "refine.judge_engine='vllm'; remove it or set the engine")
         if self.judge_route_prefix == self.route_prefix:
             problems.append(f"refine.judge_route_prefix and refine.route_prefix are both '{self.route_prefix}'; "
                             f"the judge app needs its own prefix (e.g. /judge)")
@@ -400,6 +404,11 @@ class MiddoConfig(_Section):
         if "quality" in self.select.axes and not self.diagnose.judge:
             raise ValueError("select.axes contains 'quality' but diagnose.judge is false; "
                              "set diagnose.judge=true or remove 'quality' from select.axes")
+        if (self.refine.judge == "current" and self.refine.judge_engine == "vllm" and self.train.method == "lora"
+                and self.train.lora_save == "adapter"):
+            raise ValueError("refine.judge_engine='vllm' serves each round's checkpoint, but train.lora_save=adapter "
+                             "saves adapters vLLM cannot load as a model; set train.lora_save=merged or "
+                             "refine.judge_engine=transformers")
         return self
 
 

@@ -85,10 +85,11 @@ def refiner_args(cfg: MiddoConfig) -> dict[str, Any]:
 
 def judge_args(cfg: MiddoConfig, model: str) -> dict[str, Any]:
     """Arguments of the judge app (``refine.judge='current'``): the refiner's limits and security, the
-    round's checkpoint as its model, on the transformers engine (the probability judge needs it)."""
+    round's checkpoint as its model, on ``refine.judge_engine``."""
     r = cfg.refine
     args = refiner_args(cfg)
-    args.update(model=model, engine="transformers", openai_base_url=None, vllm_engine_kwargs={},
+    args.update(model=model, engine=r.judge_engine, openai_base_url=None,
+                vllm_engine_kwargs=dict(r.vllm_engine_kwargs) if r.judge_engine == "vllm" else {},
                 num_replicas=r.judge_replicas, autoscale=False, num_cpus=r.judge_cpus_per_replica,
                 num_gpus=r.judge_gpus_per_replica)
     return args

@@ -49,3 +49,5 @@ def test_refine_engine_and_judge_rules_name_the_fix():
         build_config({"refine": {"vllm_engine_kwargs": {"max_model_len": 4096}}})
     cfg = build_config({"refine": {"engine": "vllm", "judge_mode": "prob", "vllm_engine_kwargs": {"max_model_len": 4096}}})
     assert cfg.refine.judge == "current" and cfg.refine.vllm_engine_kwargs == {"max_model_len": 4096}
+    with pytest.raises(ConfigError, match="train.lora_save=merged"):
+        build_config({"refine": {"judge_engine": "vllm"}, "train": {"method": "lora", "lora_save": "adapter"}})

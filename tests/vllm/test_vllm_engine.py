@@ -37,7 +37,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_app(ray_local):
+def ray_vllm():
+    """Local Ray with 8 logical CPUs: each vLLM app holds an ingress replica, an LLM replica and its engine
+    bundle, and one test runs a vLLM teacher and a vLLM judge side by side."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_app(ray_vllm):
     """The refiner app on engine 'vllm' (started as the loop starts it), with an API key."""
     from middo_ray.config import build_config
     from middo_ray.refine import refiner_url, start_refiner, stop_refiner
@@ -137,16 +149,24 @@ def test_vllm_prob_judge_equals_the_transformers_engine(vllm_app):
 
 
 @pytest.mark.timeout(900)
-def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, tiny_model, tmp_path):
-    """The loop's refine stage with a vLLM teacher and the round's checkpoint as judge (a transformers app
-    beside it): every job gets a result, rewrites are judged by the judge model, and a rerun with the
-    cache makes no call at all."""
+@pytest.mark.parametrize("judge_engine", ["transformers", "vllm"])
+def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, judge_engine, tmp_path):
+    """The loop's refine stage with a vLLM teacher and the round's checkpoint as judge (a second app beside
+    it, on either engine): every job gets a result, rewrites are judged by the judge model with its
+    probability judge (quality_before is that model's score of the original), and a rerun with the cache
+    makes no call at all."""
     from ray import serve as ray_serve
 
     from middo_ray.loop import Refiner
+    from middo_ray.models import resolve_model
     from middo_ray.refine import judge_app_name, refine_jobs
+    from middo_ray.schema import JudgeRequest
+    from serve.engine import TransformersEngine
+    from serve.logic import run_judge
 
     cfg, handle, _ = vllm_app
+    cfg = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"judge_engine": judge_engine})})
+    judge_model = resolve_model(MODEL)          # stands in for the round's checkpoint
     services = Refiner(cfg)
     services.handle = handle
     jobs = [{"sample_id": f"r{i}", "operation": op, "instruction": PROMPTS[i], "input": "", "output": "old",
@@ -154,12 +174,18 @@ def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, tiny_model, tmp_
             for i, op in enumerate(["simplify", "improve", "synthesize"])]
     rule = cfg.refine.model_copy(update={"accept": "min_score", "accept_min_score": 0.0})
     try:
-        out = refine_jobs(jobs, handle, rule, seed=5, cache_dir=tmp_path / "llm", judge=lambda: services.judge(tiny_model))
+        out = refine_jobs(jobs, handle, rule, seed=5, cache_dir=tmp_path / "llm", judge=lambda: services.judge(judge_model))
         assert [r["sample_id"] for r in out.results] == ["r0", "r1", "r2"]
-        assert out.counts["judged"] >= 1 and out.counts["judge_model"] == tiny_model
+        assert out.counts["judged"] >= 1 and out.counts["judge_model"] == judge_model
+        assert services.judge_handle.info.remote().result(timeout_s=60)["engine"] == judge_engine
+        ok = [i for i, r in enumerate(out.results) if r["status"] == "ok"]
+        originals = JudgeRequest.model_validate({"mode": "prob", "samples": [
+            {k: jobs[i][k] for k in ("sample_id", "instruction", "input", "output")} for i in ok]})
+        want = [r.quality for r in run_judge(TransformersEngine(MODEL, dtype="float32"), originals).results]
+        assert [out.results[i]["quality_before"] for i in ok] == pytest.approx(want, abs=1e-3)
         again = refine_jobs(jobs, handle, rule, seed=5, cache_dir=tmp_path / "llm",
-                            judge=lambda: services.judge(tiny_model))
+                            judge=lambda: services.judge(judge_model))
         assert again.results == out.results and again.counts["cache_misses"] == 0
     finally:
-        if judge_app_name(cfg) in ray_serve.status().applications:
-            ray_serve.delete(judge_app_name(cfg))
+        services.release_judge()
+    assert judge_app_name(cfg) not in ray_serve.status().applications
