@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,19 +504,22 @@ class VLLMEngine:
                              f"{self._max_len} tokens; lower max_new_tokens")
         return ids[-budget:]
 
-    async def _one(self, row: GenRow) -> GenOut:
+    async def _complete(self, **fields):
+        """One non-streaming completions call to the LLM deployment; its CompletionResponse."""
         from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
 
-        ids = self.prompt_ids(row)
-        request = CompletionRequest(model=VLLM_SERVED_ID, prompt=ids, max_tokens=int(row.max_new_tokens),
-                                    temperature=float(row.temperature), top_p=float(row.top_p),
-                                    seed=int(row.seed), stop=list(row.stop) or None, n=1)
         answer = None
-        async for item in self._handle.completions.remote(request):
+        async for item in self._handle.completions.remote(CompletionRequest(model=VLLM_SERVED_ID, **fields)):
             answer = item
         if answer is None or isinstance(answer, ErrorResponse):
             message = answer.error.message if answer is not None else "no response"
             raise RuntimeError(f"the vLLM deployment refused a completion: {message}")
+        return answer
+
+    async def _one(self, row: GenRow) -> GenOut:
+        ids = self.prompt_ids(row)
+        answer = await self._complete(prompt=ids, max_tokens=int(row.max_new_tokens), temperature=float(row.temperature),
+                                      top_p=float(row.top_p), seed=int(row.seed), stop=list(row.stop) or None, n=1)
         choice = answer.choices[0]
         usage = answer.usage
         return GenOut(text=(choice.text or "").strip(), prompt_tokens=len(ids),
@@ -528,19 +532,9 @@ class VLLMEngine:
         One completion of one token with vLLM's ``logprob_token_ids``: the log-probabilities of exactly
         these ids at the generated position, not a top-k list.
         """
-        from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
-
-        request = CompletionRequest(model=VLLM_SERVED_ID, prompt=ids, max_tokens=1, temperature=0.0,
-                                    logprobs=len(wanted), logprob_token_ids=wanted, return_tokens_as_token_ids=True)
-        answer = None
-        async for item in self._handle.completions.remote(request):
-            answer = item
-        if answer is None or isinstance(answer, ErrorResponse):
-            message = answer.error.message if answer is not None else "no response"
-            raise RuntimeError(f"the vLLM deployment refused a scoring request: {message}")
-        top = answer.choices[0].logprobs.top_logprobs[0]
-        import math
-
+        answer = await self._complete(prompt=ids, max_tokens=1, temperature=0.0, logprobs=len(wanted),
+                                      logprob_token_ids=wanted, return_tokens_as_token_ids=True)
+        top = answer.choices[0].logprobs.top_logprobs[0]   # {"token_id:<id>": logprob}
         got = {int(k.rsplit(":", 1)[1]): math.exp(v) for k, v in top.items() if k.startswith("token_id:")}
         return {t: got.get(t, 0.0) for t in wanted}
 
@@ -642,7 +636,8 @@ def vllm_deployment(model: str, dtype: str, engine_kwargs: dict[str, Any], deplo
         dtype: Our dtype name ('auto' lets vLLM choose).
         engine_kwargs: vLLM engine arguments from the config (override the defaults set here).
         deployment_config: Serve options of the LLM deployment (replicas or autoscaling, queue limits).
-        gpus: GPUs per replica in the config; 0 runs vLLM's CPU backend.
+        gpus: GPUs per replica in the config; 0 runs vLLM's CPU backend, more than one shards the model
+            over that many GPUs (``tensor_parallel_size``, unless ``engine_kwargs`` sets it).
         app_tag: Prefix of the deployment name (keeps two apps' LLM deployments apart).
     """
     try:
@@ -663,6 +658,9 @@ def vllm_deployment(model: str, dtype: str, engine_kwargs: dict[str, Any], deplo
         import os
 
         runtime_env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}}
+    elif gpus > 1:
+        # Ray Serve LLM places one GPU bundle per tensor-parallel worker.
+        kwargs["tensor_parallel_size"] = int(gpus)
     kwargs.update(engine_kwargs)
     config = LLMConfig(model_loading_config={"model_id": VLLM_SERVED_ID, "model_source": resolve_model(model)},
                        engine_kwargs=kwargs, deployment_config=deployment_config,
