@@ -87,6 +87,18 @@ def test_vllm_greedy_text_equals_the_transformers_engine(vllm_app):
         assert got["usage"]["completion_tokens"] == want.completion_tokens
 
 
+@pytest.mark.timeout(600)
+def test_vllm_over_long_prompt_keeps_its_end(vllm_app):
+    """A prompt longer than the context (1024 tokens here) is cut at the start, as the transformers engine
+    cuts it: the request is answered, with exactly context minus max_tokens prompt tokens."""
+    _, handle, _ = vllm_app
+    long_prompt = " ".join(f"word{i}" for i in range(3000)) + " Now answer briefly."
+    got = handle.chat.remote({"model": MODEL, "messages": [{"role": "user", "content": long_prompt}],
+                              "max_tokens": 8, "temperature": 0.0}).result(timeout_s=300)
+    assert got["usage"]["prompt_tokens"] == 1024 - 8
+    assert got["usage"]["completion_tokens"] >= 1
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("operation", ["simplify", "improve", "synthesize"])
 def test_vllm_refine_over_http_accounts_for_every_sample_and_is_seeded(vllm_app, operation):
