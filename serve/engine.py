@@ -158,6 +158,12 @@ def _score_tokens_or_none(tok, model: str):
         return None
 
 
+def _judge_rows(rows: list[dict]) -> list[dict]:
+    """Wire samples as the diagnosis' row layout (single turn: no system prompt, no history)."""
+    return [{"instruction": r.get("instruction", ""), "input": r.get("input") or "", "output": r.get("output") or "",
+             "system": "", "history": ""} for r in rows]
+
+
 def model_fingerprint(path: str) -> str:
     """A short content fingerprint of a checkpoint (for cache keys): a local directory, or a hub id's cached snapshot.
 
@@ -236,7 +242,63 @@ class _RowSampler:
         return out
 
 
-class TransformersEngine:
+class _LocalModel:
+    """What the engines that know the model's tokenizer share (transformers and vLLM): identity,
+    prompt rendering, the context length and the score tokens of the probability judge."""
+
+    def _init_local(self, model: str, tok, max_len: int) -> None:
+        from middo_ray.models import resolve_model
+
+        self._spec = model
+        self._tok = tok
+        self._use_template = bool(getattr(tok, "chat_template", None))
+        self._revision = model_fingerprint(resolve_model(model))
+        self._max_len = int(max_len or 0)            # 0 = unknown
+        self._score_tokens = _score_tokens_or_none(tok, model)
+
+    @property
+    def model_id(self) -> str:
+        """The model spec this engine was built from (what responses report as 'model')."""
+        return self._spec
+
+    @property
+    def revision(self) -> str:
+        """Content fingerprint of the loaded checkpoint."""
+        return self._revision
+
+    @property
+    def supports_prob_judge(self) -> bool:
+        """Whether judge mode 'prob' works (every digit is one token)."""
+        return self._score_tokens is not None
+
+    @property
+    def supports_prefill(self) -> bool:
+        return True
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        """Most tokens one row may generate and still leave room for a prompt of 64 tokens."""
+        return max(1, self._max_len - 64) if self._max_len else None
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """Whether prompts go through the tokenizer's chat template."""
+        return self._use_template
+
+    def render(self, messages: list[dict[str, str]] | str, continue_final: bool = False) -> str:
+        """The exact text fed to the model for one chat (see :func:`render_chat`)."""
+        return render_chat(self._tok, self._use_template, messages, continue_final)
+
+    def _judge_setup(self, template: str, cutoff_len: int) -> tuple[str, int]:
+        """The judge's template ('auto' resolved) and a cutoff that stays inside the context."""
+        if template == "auto":
+            template = "chat" if self._use_template else "default"
+        if self._max_len:
+            cutoff_len = min(int(cutoff_len), self._max_len - 16)
+        return template, int(cutoff_len)
+
+
+class TransformersEngine(_LocalModel):
     """A causal LM and its tokenizer, loaded once, generating for batches of chats.
 
     Chats go through the tokenizer's chat template when it has one (the teacher is an instruct
@@ -255,20 +317,16 @@ class TransformersEngine:
 
     def __init__(self, model: str, dtype: str = "auto", max_batch: int = DEFAULT_MAX_BATCH,
                  judge_batch_tokens: int = 4096) -> None:
-        from middo_ray.models import load_model, resolve_model
+        from middo_ray.models import load_model
 
-        self._spec = model
-        self._model, self._tok = load_model(model, dtype=dtype)
-        self._revision = model_fingerprint(resolve_model(model))
+        self._model, tok = load_model(model, dtype=dtype)
+        self._init_local(model, tok, int(getattr(self._model.config, "max_position_embeddings", 0) or 0))
         # Left padding: generation appends after the last position, which must be a real token.
         self._tok.padding_side = "left"
         self._max_batch = max(1, int(max_batch))
         self._judge_batch_tokens = int(judge_batch_tokens)
         self._device = next(self._model.parameters()).device
-        self._use_template = bool(getattr(self._tok, "chat_template", None))
         self._eos_ids = self._stop_ids()
-        self._max_positions = int(getattr(self._model.config, "max_position_embeddings", 0) or 0)
-        self._prob_judge = _score_tokens_or_none(self._tok, model) is not None
         import torch
 
         # torch's thread count is per OS thread (OpenMP); the Serve replica computes in worker threads,
@@ -281,35 +339,6 @@ class TransformersEngine:
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
 
-    @property
-    def model_id(self) -> str:
-        """The model spec this engine was built from (what responses report as 'model')."""
-        return self._spec
-
-    @property
-    def revision(self) -> str:
-        """Content fingerprint of the loaded checkpoint."""
-        return self._revision
-
-    @property
-    def supports_prob_judge(self) -> bool:
-        """Whether judge mode 'prob' works (single-token digits)."""
-        return self._prob_judge
-
-    @property
-    def supports_prefill(self) -> bool:
-        return True
-
-    @property
-    def max_new_tokens_limit(self) -> int | None:
-        """Most tokens one row may generate and still leave room for a prompt of 64 tokens."""
-        return max(1, self._max_positions - 64) if self._max_positions else None
-
-    @property
-    def uses_chat_template(self) -> bool:
-        """Whether prompts go through the tokenizer's chat template."""
-        return self._use_template
-
     def _stop_ids(self) -> list[int]:
         """EOS ids of the tokenizer and of the model's generation config, without duplicates."""
         ids: list[int] = []
@@ -318,10 +347,6 @@ class TransformersEngine:
                 if value is not None and int(value) not in ids:
                     ids.append(int(value))
         return ids
-
-    def render(self, messages: list[dict[str, str]] | str, continue_final: bool = False) -> str:
-        """The exact text fed to the model for one chat (see :func:`render_chat`)."""
-        return render_chat(self._tok, self._use_template, messages, continue_final)
 
     def count_tokens(self, text: str) -> int:
         return len(self._tok(text, add_special_tokens=False)["input_ids"])
@@ -336,11 +361,11 @@ class TransformersEngine:
         kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True}
         # The chat template already wrote BOS and role tokens; adding specials again would double them.
         kwargs["add_special_tokens"] = not self._use_template
-        if self._max_positions:
-            budget = self._max_positions - max_new_tokens
+        if self._max_len:
+            budget = self._max_len - max_new_tokens
             if budget < 8:
                 raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a model "
-                                 f"with {self._max_positions} positions; lower max_new_tokens")
+                                 f"with {self._max_len} positions; lower max_new_tokens")
             self._tok.truncation_side = "left"
             kwargs.update(truncation=True, max_length=budget)
         enc = self._tok(texts, **kwargs)
@@ -418,14 +443,8 @@ class TransformersEngine:
         from middo_ray.diagnose import judge_scores
 
         self._use_threads()
-        if template == "auto":
-            template = "chat" if self._use_template else "default"
-        if self._max_positions:
-            # Longer prompts would run past the positions the model was trained for.
-            cutoff_len = min(int(cutoff_len), self._max_positions - 16)
-        full = [{"instruction": r.get("instruction", ""), "input": r.get("input") or "",
-                 "output": r.get("output") or "", "system": "", "history": ""} for r in rows]
-        return judge_scores(self._model, self._tok, full, template, cutoff_len, self._judge_batch_tokens)
+        template, cutoff_len = self._judge_setup(template, cutoff_len)
+        return judge_scores(self._model, self._tok, _judge_rows(rows), template, cutoff_len, self._judge_batch_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +454,7 @@ class TransformersEngine:
 VLLM_SERVED_ID = "middo-teacher"
 
 
-class VLLMEngine:
+class VLLMEngine(_LocalModel):
     """Generation on Ray Serve LLM's vLLM deployment (``ray.serve.llm.build_llm_deployment``).
 
     The app composes the ``LLMServer`` deployment with its own ingress and hands this engine its
@@ -455,46 +474,15 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, llm_handle, max_model_len: int) -> None:
-        from middo_ray.models import load_tokenizer, resolve_model
+        from middo_ray.models import load_tokenizer
 
-        self._spec = model
-        self._tok = load_tokenizer(model)
-        self._use_template = bool(getattr(self._tok, "chat_template", None))
-        self._revision = model_fingerprint(resolve_model(model))
+        self._init_local(model, load_tokenizer(model), max_model_len)
         self._llm = llm_handle
         self._handle = llm_handle.options(stream=True)
-        self._max_len = int(max_model_len)
-        self._score_tokens = _score_tokens_or_none(self._tok, model)
-
-    @property
-    def model_id(self) -> str:
-        return self._spec
-
-    @property
-    def revision(self) -> str:
-        return self._revision
-
-    @property
-    def supports_prob_judge(self) -> bool:
-        """Judge mode 'prob' works when every digit is one token (vLLM returns their exact log-probabilities)."""
-        return self._score_tokens is not None
-
-    @property
-    def supports_prefill(self) -> bool:
-        return True
-
-    @property
-    def max_new_tokens_limit(self) -> int | None:
-        """Most tokens one row may generate and still leave room for a prompt of 64 tokens."""
-        return max(1, self._max_len - 64)
-
-    @property
-    def uses_chat_template(self) -> bool:
-        return self._use_template
 
     def prompt_ids(self, row: GenRow) -> list[int]:
         """The row's prompt as token ids, its start cut so that prompt + generation fit the context."""
-        text = render_chat(self._tok, self._use_template, row.messages, row.continue_final)
+        text = self.render(row.messages, row.continue_final)
         # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
         text = text or self._tok.bos_token or self._tok.eos_token or " "
         ids = self._tok(text, add_special_tokens=not self._use_template)["input_ids"]
@@ -567,11 +555,8 @@ class VLLMEngine:
 
         if self._score_tokens is None:
             raise ValueError(f"model {self._spec} splits digits into several tokens: judge mode 'prob' is off")
-        if template == "auto":
-            template = "chat" if self._use_template else "default"
-        cutoff_len = min(int(cutoff_len), self._max_len - 16)
-        full = [{"instruction": r.get("instruction", ""), "input": r.get("input") or "",
-                 "output": r.get("output") or "", "system": "", "history": ""} for r in rows]
+        template, cutoff_len = self._judge_setup(template, cutoff_len)
+        full = _judge_rows(rows)
         where: list[tuple[int, int]] = []
         prompts: list[list[int]] = []
         for t_idx, target in enumerate(("prompt", "response")):
