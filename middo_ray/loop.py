@@ -335,11 +335,16 @@ def stage_refine(cfg: MiddoConfig, stage: Stage, jobs: list[dict], refiner: Refi
     d = stage.start()
     t0 = time.time()
     if jobs:
-        judge = (lambda: refiner.judge(current_model)) if cfg.refine.judge == "current" else None
+        current = cfg.refine.judge == "current"
+        # The current model judges with the diagnosis' template and cutoff: the original's re-judged score is
+        # then the quality the diagnosis gave it, and its rewrite is measured with the same rule.
+        judge_prompt = ({"judge_template": cfg.data.template, "judge_cutoff_len": cfg.data.cutoff_len}
+                        if current else {})
         # LLM calls are cached by content in the run directory: a rerun or resumed run repeats none.
         try:
             outcome = refine_jobs(jobs, refiner.get(), cfg.refine, seed=cfg.run.seed * 1000 + round_k,
-                                  cache_dir=stage.dir.parent.parent / "cache" / "llm", judge=judge)
+                                  cache_dir=stage.dir.parent.parent / "cache" / "llm",
+                                  judge=(lambda: refiner.judge(current_model)) if current else None, **judge_prompt)
         finally:
             refiner.release_judge()
         results, counts = outcome.results, outcome.counts

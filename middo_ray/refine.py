@@ -386,7 +386,7 @@ def _finite(x) -> float | None:
 
 
 def _rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, seed: int, ident: dict,
-             cache: LLMCallCache | None, stats: dict[str, int]) -> None:
+             cache: LLMCallCache | None, stats: dict[str, int], template: str, cutoff_len: int) -> None:
     """Judges every ok rewrite with its original and turns rejected ones into failures (in place)."""
     mode = _judge_mode(cfg, ident)
     positions = [i for i, r in enumerate(results) if r["status"] == "ok"]
@@ -400,7 +400,7 @@ def _rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, s
                             "input": job.get("input") or "", "output": job.get("output") or ""})
             samples.append({"sample_id": f"{job['sample_id']}:after", "instruction": res["instruction"],
                             "input": res.get("input") or "", "output": res["output"]})
-        request = {"samples": samples, "mode": mode, "template": "auto", "cutoff_len": JUDGE_CUTOFF_LEN,
+        request = {"samples": samples, "mode": mode, "template": template, "cutoff_len": cutoff_len,
                    "sampling": {"max_new_tokens": 8, "temperature": 0.1, "top_p": 1.0,
                                 "seed": (int(seed) * 7_919 + chunk * 104_729 + 17) % (2**31 - 1)}}
         what = f"re-judge request ({len(part)} rewrites, first id {jobs[part[0]]['sample_id']})"
@@ -442,7 +442,8 @@ def _info(handle, what: str) -> dict:
 
 
 def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
-                cache_dir: str | Path | None = None, judge: Callable[[], Any] | None = None) -> RefineOutcome:
+                cache_dir: str | Path | None = None, judge: Callable[[], Any] | None = None,
+                judge_template: str = "auto", judge_cutoff_len: int = JUDGE_CUTOFF_LEN) -> RefineOutcome:
     """Refines jobs through the deployment handle: cached, bounded, timed out, re-judged.
 
     Args:
@@ -458,6 +459,10 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
             checkpoint, :func:`start_judge`); called only when there is a rewrite to judge, so no judge is
             deployed for a round whose rewrites all failed. None = the refiner app judges
             (``refine.judge='teacher'``).
+        judge_template: Prompt template of the probability judge ('auto', 'default' or 'chat'); the loop
+            passes the diagnosis' own (``data.template``) when the judge is the current model, so a rewrite
+            and its original are scored exactly as the diagnosis scored the original.
+        judge_cutoff_len: Token cap of one judge prompt (the loop: ``data.cutoff_len``, as the diagnosis).
 
     Returns:
         A RefineOutcome with one result per job, in job order, and the counts.
@@ -494,7 +499,8 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int,
             judge_ident = _info(judge_handle, "judge") if judge is not None else ident
             stats["judge_model"] = judge_ident.get("model")
             stats["judge_revision"] = judge_ident.get("revision")
-            _rejudge(jobs, results, judge_handle, cfg, seed, judge_ident, cache, stats)  # type: ignore[arg-type]
+            _rejudge(jobs, results, judge_handle, cfg, seed, judge_ident, cache, stats,  # type: ignore[arg-type]
+                     judge_template, judge_cutoff_len)
 
     by_op: dict[str, dict[str, int]] = {}
     for job, res in zip(jobs, results):

@@ -17,6 +17,7 @@ the Serve app batch unrelated requests together and still promise "same seed, sa
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -546,8 +547,6 @@ class VLLMEngine(_LocalModel):
         at the answer position and the score is their expectation (``expected_score``), as the transformers
         engine computes it. The six prompts of a sample share its prefix, which vLLM's prefix cache reuses.
         """
-        import asyncio
-
         import numpy as np
 
         from middo_ray.diagnose import judge_sequences
@@ -578,8 +577,6 @@ class VLLMEngine(_LocalModel):
 
     def judge_prob(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
         """Blocking form of :meth:`ajudge_prob`, for callers outside an event loop."""
-        import asyncio
-
         return asyncio.run(self.ajudge_prob(rows, template, cutoff_len))
 
     async def health(self) -> None:
@@ -588,14 +585,10 @@ class VLLMEngine(_LocalModel):
 
     async def agenerate_rows(self, rows: list[GenRow]) -> list[GenOut]:
         """Sends every row at once (vLLM schedules them); outputs in input order."""
-        import asyncio
-
         return list(await asyncio.gather(*(self._one(r) for r in rows)))
 
     def generate_rows(self, rows: list[GenRow]) -> list[GenOut]:
         """Blocking form, for callers outside an event loop (scripts, benchmarks)."""
-        import asyncio
-
         return asyncio.run(self.agenerate_rows(rows))
 
 

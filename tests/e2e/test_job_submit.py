@@ -49,7 +49,12 @@ def ray_head():
     gcs, dash = _free_port(), _free_port()
     # Ray's socket paths must stay under 107 bytes, so its temp dir gets a short path of its own.
     temp = tempfile.mkdtemp(prefix="mray", dir="/tmp")
-    _run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+    # The node's agents get free ports too: their defaults (52365, ...) are taken when another Ray instance
+    # runs on the machine (a developer's, or this test session's local one), and the head then never gets a
+    # job agent ("No available agent to submit job").
+    agents = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                      "runtime-env-agent-port", "metrics-export-port")]
+    _run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", *agents,
           "--dashboard-host=127.0.0.1", "--num-cpus=4", "--disable-usage-stats",
           f"--temp-dir={temp}"], env, 180)
     try:
@@ -99,7 +104,7 @@ def test_job_submit_runs_the_loop_and_leaves_outputs(ray_head, tmp_path):
     t0 = time.time()
     # Right after `ray start` the head's job agent may not be registered yet; the submission is then
     # refused before any job exists, so asking again is safe.
-    for _ in range(40):
+    for _ in range(10):
         proc = _run(args, env, 1400, check=False)
         if "No available agent to submit job" not in proc.stdout + proc.stderr:
             break

@@ -47,6 +47,13 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
     assert refine_counts["judged"] >= 1, "the tiny teacher produced no valid rewrite; the judge went untested"
     m0 = json.loads((run / "round_0" / "manifest.json").read_text())["stages"]["train"]["model_dir"]
     assert refine_counts["judge_model"] == m0
+    # ... with the diagnosis' template and cutoff: an original's re-judged quality is its diagnosed quality.
+    diagnosed = {r["sample_id"]: r["quality"]
+                 for r in pq.read_table(run / "round_1" / "diagnose" / "signals.parquet").to_pylist()}
+    records = [json.loads(line) for line in (run / "round_1" / "refine" / "results.jsonl").open()]
+    pairs = [(rec["result"]["quality_before"], diagnosed[rec["job"]["sample_id"]])
+             for rec in records if rec["result"].get("quality_before") is not None]
+    assert pairs and all(before == pytest.approx(diag, abs=1e-3) for before, diag in pairs)
     lineage = pq.read_table(run / "final" / "lineage.parquet").to_pylist()
     assert len(lineage) == first["sizes"][-1]
     assert (run / "report.html").is_file()
