@@ -43,11 +43,14 @@ model: setup
 demo: model
 	$(BIN)/middo run --config jobs/demo.yaml
 
+# The vLLM tier skips itself where vLLM is missing; here it must not, so a broken install fails loudly.
 test: setup setup-vllm
 	$(BIN)/python -m pytest -q -m "not vllm" tests
+	$(VBIN)/python -c "import vllm"
 	$(VBIN)/python -m pytest -q -m vllm tests/vllm
 
 test-vllm: setup-vllm
+	$(VBIN)/python -c "import vllm"
 	$(VBIN)/python -m pytest -q -m vllm tests/vllm
 
 test-fast: setup
