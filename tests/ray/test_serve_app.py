@@ -14,7 +14,6 @@ rather than 422, so one bad row never rejects the rest of its batch.
 
 from __future__ import annotations
 
-import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -327,20 +326,16 @@ def refiner(ray_local):
     """The tiny-model refiner, deployed once for the module on a free port with an API key; Serve shut down after."""
     from middo_ray.refine import refiner_url, start_refiner, stop_refiner
 
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = KEY
     cfg = build_config({"model": {"base": "tiny"}, "refine": {
         "http_port": _free_port(), "batch_size": 3, "max_concurrency": 2, "max_new_tokens": 16,
         "cpus_per_replica": 1.0, "app_name": "middo-refiner-test", "api_key_env": KEY_ENV, "batch_wait_s": 0.01}})
-    handle = start_refiner(cfg, health_timeout_s=120)
-    try:
-        yield cfg, handle, refiner_url(cfg)
-    finally:
-        stop_refiner(cfg)
-        if old is None:
-            os.environ.pop(KEY_ENV, None)
-        else:
-            os.environ[KEY_ENV] = old
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, KEY)
+        handle = start_refiner(cfg, health_timeout_s=120)
+        try:
+            yield cfg, handle, refiner_url(cfg)
+        finally:
+            stop_refiner(cfg)
 
 
 @pytest.mark.ray

@@ -10,7 +10,6 @@ compared token for token.
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 
 import httpx
@@ -54,21 +53,17 @@ def vllm_app(ray_vllm):
     from middo_ray.config import build_config
     from middo_ray.refine import refiner_url, start_refiner, stop_refiner
 
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = KEY
     cfg = build_config({"model": {"base": MODEL, "dtype": "float32"}, "refine": {
         "engine": "vllm", "http_port": _free_port(), "batch_size": 3, "max_concurrency": 2, "max_new_tokens": 16,
         "app_name": "middo-vllm-test", "api_key_env": KEY_ENV, "max_retries": 1,
         "vllm_engine_kwargs": {"max_model_len": 1024}}})
-    handle = start_refiner(cfg, health_timeout_s=600)
-    try:
-        yield cfg, handle, refiner_url(cfg)
-    finally:
-        stop_refiner(cfg)
-        if old is None:
-            os.environ.pop(KEY_ENV, None)
-        else:
-            os.environ[KEY_ENV] = old
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, KEY)
+        handle = start_refiner(cfg, health_timeout_s=600)
+        try:
+            yield cfg, handle, refiner_url(cfg)
+        finally:
+            stop_refiner(cfg)
 
 
 @pytest.mark.timeout(900)
