@@ -11,15 +11,15 @@ requests each, and the benchmark reports requests/s and p50/p99 latency for:
 - ``http-nobatch``: the same over HTTP with ``batch_max_rows=1`` (every request its own forward pass).
 
 ``ratio`` is served requests/s over direct requests/s at the same concurrency (goal: >= 0.8 at 64);
-``batching gain`` is http over http-nobatch.
+``batching gain`` is http over http-nobatch. The four modes run one after another (never at the same
+time), interleaved per concurrency and repeated ``--repeats`` times; each mode keeps its best run, so
+a burst of load from other processes on a shared machine spoils one run, not the comparison. The load
+generator runs on the same machine as the server: on few cores it takes CPU from it.
 
 With ``--engine vllm`` (run it with the environment that has vLLM, e.g. ``.venv-vllm/bin/python``) the app
 serves through Ray Serve LLM's vLLM deployment, ``direct`` is vLLM's own offline engine (``vllm.LLM``) on
 the same model and prompt token ids in this process, and ``http-nobatch`` is an app whose vLLM engine runs
-one sequence at a time (``max_num_seqs=1``). The four modes run one after another (never at the same
-time), interleaved per concurrency and repeated ``--repeats`` times; each mode keeps its best run, so
-a burst of load from other processes on a shared machine spoils one run, not the comparison. The load
-generator runs on the same machine as the server: on few cores it takes CPU from it.
+one sequence at a time (``max_num_seqs=1``).
 
     .venv/bin/python benchmarks/serve.py                      # tiny model
     .venv/bin/python benchmarks/serve.py --model smollm2 --max-tokens 16 --concurrency 1 8 32
@@ -108,6 +108,7 @@ class VLLMDirect:
 
         self._tok = load_tokenizer(model)
         self._template = bool(getattr(self._tok, "chat_template", None))
+        self._max_len = max_model_len
         self._llm = LLM(model=resolve_model(model), dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
                         max_num_seqs=max_num_seqs, seed=0)
         self.model_id = model
@@ -115,11 +116,9 @@ class VLLMDirect:
     def generate_rows(self, rows) -> list:
         from vllm import SamplingParams
 
-        from serve.engine import render_chat
+        from serve.engine import prompt_token_ids
 
-        prompts = [{"prompt_token_ids": self._tok(render_chat(self._tok, self._template, r.messages),
-                                                  add_special_tokens=not self._template)["input_ids"]}
-                   for r in rows]
+        prompts = [{"prompt_token_ids": prompt_token_ids(self._tok, self._template, r, self._max_len)} for r in rows]
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, seed=r.seed) for r in rows]
         return self._llm.generate(prompts, params, use_tqdm=False)
 

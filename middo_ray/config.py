@@ -149,7 +149,7 @@ class RefineConfig(ServeSettings, _Section):
         if self.vllm_engine_kwargs and "vllm" not in (self.engine, self.judge_engine):
             problems.append("refine.vllm_engine_kwargs is only used with refine.engine='vllm' or "
                             "refine.judge_engine='vllm'; remove it or set the engine")
-        if self.judge_route_prefix == self.route_prefix:
+        if self.judge == "current" and self.judge_route_prefix == self.route_prefix:
             problems.append(f"refine.judge_route_prefix and refine.route_prefix are both '{self.route_prefix}'; "
                             f"the judge app needs its own prefix (e.g. /judge)")
         if self.max_new_tokens > self.max_new_tokens_limit:

@@ -483,15 +483,7 @@ class VLLMEngine(_LocalModel):
 
     def prompt_ids(self, row: GenRow) -> list[int]:
         """The row's prompt as token ids, its start cut so that prompt + generation fit the context."""
-        text = self.render(row.messages, row.continue_final)
-        # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
-        text = text or self._tok.bos_token or self._tok.eos_token or " "
-        ids = self._tok(text, add_special_tokens=not self._use_template)["input_ids"]
-        budget = self._max_len - int(row.max_new_tokens)
-        if budget < 8:
-            raise ValueError(f"max_new_tokens={row.max_new_tokens} leaves no room for the prompt in a context of "
-                             f"{self._max_len} tokens; lower max_new_tokens")
-        return ids[-budget:]
+        return prompt_token_ids(self._tok, self._use_template, row, self._max_len)
 
     async def _complete(self, **fields):
         """One non-streaming completions call to the LLM deployment; its CompletionResponse."""
@@ -590,6 +582,20 @@ class VLLMEngine(_LocalModel):
     def generate_rows(self, rows: list[GenRow]) -> list[GenOut]:
         """Blocking form, for callers outside an event loop (scripts, benchmarks)."""
         return asyncio.run(self.agenerate_rows(rows))
+
+
+def prompt_token_ids(tok, use_template: bool, row: GenRow, max_len: int) -> list[int]:
+    """What the vLLM engine sends for a row: the rendered chat as token ids, the start cut so that
+    prompt + ``max_new_tokens`` fit ``max_len`` (as the transformers engine cuts)."""
+    text = render_chat(tok, use_template, row.messages, row.continue_final)
+    # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
+    text = text or tok.bos_token or tok.eos_token or " "
+    ids = tok(text, add_special_tokens=not use_template)["input_ids"]
+    budget = max_len - int(row.max_new_tokens)
+    if budget < 8:
+        raise ValueError(f"max_new_tokens={row.max_new_tokens} leaves no room for the prompt in a context of "
+                         f"{max_len} tokens; lower max_new_tokens")
+    return ids[-budget:]
 
 
 def vllm_max_model_len(model: str, engine_kwargs: dict[str, Any]) -> int:

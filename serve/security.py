@@ -20,8 +20,10 @@ import ipaddress
 import json
 from typing import Any, Callable
 
-DEFAULT_KEY_ENV = "MIDDO_SERVE_API_KEY"
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+from middo_ray.schema import ServeSettings
+
+DEFAULT_KEY_ENV: str = ServeSettings.model_fields["api_key_env"].default
+DEFAULT_MAX_BODY_BYTES: int = ServeSettings.model_fields["max_body_bytes"].default
 
 # The replica's body limit. Kept here, behind functions, because Serve pickles the deployment class
 # by value: module state that the class touched directly would be a copy, not what the middleware reads.

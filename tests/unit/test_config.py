@@ -38,13 +38,14 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 def test_refine_engine_and_judge_rules_name_the_fix():
     """The refine section's cross-field rules: a teacher without token probabilities cannot judge in 'prob'
-    mode, vLLM arguments need the vLLM engine, and the judge app needs its own route prefix; the current
-    checkpoint as judge (the default) lifts the first rule."""
-    with pytest.raises(ConfigError) as exc:
+    mode, vLLM arguments need a vLLM engine, and the judge app (judge='current') needs its own route prefix;
+    the current checkpoint as judge (the default) lifts the first rule, the teacher as judge the last."""
+    with pytest.raises(ConfigError, match="refine.judge='current'"):
         build_config({"refine": {"engine": "openai", "openai_base_url": "http://127.0.0.1:9/v1", "judge": "teacher",
-                                 "judge_mode": "prob", "judge_route_prefix": "/"}})
-    text = str(exc.value)
-    assert "refine.judge='current'" in text and "its own prefix" in text
+                                 "judge_mode": "prob"}})
+    with pytest.raises(ConfigError, match="its own prefix"):
+        build_config({"refine": {"judge_route_prefix": "/"}})
+    assert build_config({"refine": {"judge": "teacher", "judge_route_prefix": "/"}}).refine.judge == "teacher"
     with pytest.raises(ConfigError, match="only used with refine.engine='vllm'"):
         build_config({"refine": {"vllm_engine_kwargs": {"max_model_len": 4096}}})
     cfg = build_config({"refine": {"engine": "vllm", "judge_mode": "prob", "vllm_engine_kwargs": {"max_model_len": 4096}}})
