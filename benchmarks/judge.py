@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from middo_ray.diagnose import judge_scores, score_tokens  # noqa: E402
+from middo_ray.judge import judge_scores, score_tokens  # noqa: E402
 from middo_ray.encode import render_prompt  # noqa: E402
 from middo_ray.io import read_dataset, resolve_data_path  # noqa: E402
 from middo_ray.models import load_model  # noqa: E402
@@ -78,7 +78,7 @@ def judge_modes(model, tok, batch_tokens: int, rows_limit: int | None) -> dict:
     """prob vs generate on the demo data: time, missing judgements, AUROC of low quality for known defects."""
     from middo_ray.audit import auroc
     from middo_ray.demo import demo_path
-    from middo_ray.diagnose import judge_generate
+    from middo_ray.judge import judge_generate
     from middo_ray.signals.quality import aggregate_quality
 
     rows = read_dataset(resolve_data_path("demo")).rows

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from middo_ray.schema import ServeSettings
+from middo_ray.wire import ServeSettings
 
 
 class _Section(BaseModel):
@@ -88,7 +88,7 @@ class SelectConfig(_Section):
 
 class RefineConfig(ServeSettings, _Section):
     """The refine stage, its teacher and judge. The Serve app's engine, scaling, limits and security fields
-    come from :class:`middo_ray.schema.ServeSettings`, shared with the app's own arguments."""
+    come from :class:`middo_ray.wire.ServeSettings`, shared with the app's own arguments."""
 
     # The teacher.
     model: str | None = Field(None, description="Refiner/teacher model ('smollm2', 'tiny', an HF path, or the endpoint's "

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from middo_ray.config import MiddoConfig, RefineConfig
-from middo_ray.schema import RefineResult, ServeSettings
+from middo_ray.wire import RefineResult, ServeSettings
 
 logger = logging.getLogger(__name__)
 

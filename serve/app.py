@@ -2,7 +2,7 @@
 
 Routes (relative to the app's route prefix; the OpenAPI schema is at ``/openapi.json``):
 
-- ``POST /v1/refine``: :class:`middo_ray.schema.RefineRequest` -> ``RefineResponse``: simplify,
+- ``POST /v1/refine``: :class:`middo_ray.wire.RefineRequest` -> ``RefineResponse``: simplify,
   improve or synthesize a batch of samples; each item ``ok`` or ``failed`` with a reason.
 - ``POST /v1/judge``: ``JudgeRequest`` -> ``JudgeResponse``: 0-10 scores of factuality, clarity and
   completeness for the prompt and the response; mode ``prob`` (token probabilities, transformers
@@ -52,7 +52,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from middo_ray.schema import JudgeRequest, JudgeResponse, RefineRequest, RefineResponse, ServeSettings
+from middo_ray.wire import JudgeRequest, JudgeResponse, RefineRequest, RefineResponse, ServeSettings
 from serve import logic
 from serve.engine import GenOut, GenRow, describe, make_engine, row_seed
 from serve.logic import run_refine, sample_prompt  # noqa: F401  (re-exported: the app's public helpers)
@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 class RefinerArgs(ServeSettings):
     """Arguments of :func:`build_app` (``serve run serve.app:build_app key=value ...`` passes strings).
 
-    The engine, scaling, limits and security fields are :class:`middo_ray.schema.ServeSettings`, the same
+    The engine, scaling, limits and security fields are :class:`middo_ray.wire.ServeSettings`, the same
     fields as the run config's ``refine`` section; the loop maps that section onto these arguments.
     """
 

@@ -150,7 +150,7 @@ def render_chat(tok, use_template: bool, messages: list[dict[str, str]] | str, c
 
 def _score_tokens_or_none(tok, model: str):
     """The score tokens of the probability-weighted judge, or None when a digit is several tokens."""
-    from middo_ray.diagnose import score_tokens
+    from middo_ray.judge import score_tokens
 
     try:
         return score_tokens(tok)
@@ -441,7 +441,7 @@ class TransformersEngine(_LocalModel):
             template: 'default', 'chat', or 'auto' (chat when the tokenizer has a chat template).
             cutoff_len: Token cap of one judge prompt.
         """
-        from middo_ray.diagnose import judge_scores
+        from middo_ray.judge import judge_scores
 
         self._use_threads()
         template, cutoff_len = self._judge_setup(template, cutoff_len)
@@ -534,14 +534,14 @@ class VLLMEngine(_LocalModel):
     async def ajudge_prob(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
         """(N, 6) probability-weighted judge scores (NaN = no score), from the same prompts as the diagnosis.
 
-        Each judgement is the diagnosis' judge prompt (``middo_ray.diagnose.judge_sequences``: the sample,
+        Each judgement is the diagnosis' judge prompt (``middo_ray.judge.judge_sequences``: the sample,
         then the dimension question) as token ids; vLLM returns the exact probabilities of the score tokens
         at the answer position and the score is their expectation (``expected_score``), as the transformers
         engine computes it. The six prompts of a sample share its prefix, which vLLM's prefix cache reuses.
         """
         import numpy as np
 
-        from middo_ray.diagnose import judge_sequences
+        from middo_ray.judge import judge_sequences
         from middo_ray.signals.quality import expected_score
 
         if self._score_tokens is None:

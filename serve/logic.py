@@ -18,7 +18,7 @@ than two hints fails the same way (per item, not 422), so one bad row never reje
 
 Judge: six judgements per sample (factuality, clarity, completeness of the prompt and of the
 response). Mode 'prob' reads the expected score from the model's next-token distribution
-(``middo_ray.diagnose.judge_scores``); mode 'generate' samples a short answer and parses a leading
+(``middo_ray.judge.judge_scores``); mode 'generate' samples a short answer and parses a leading
 number with ``middo_ray.prompts.parse_score``; unparseable answers are missing (None), never 0.
 """
 
@@ -35,8 +35,9 @@ import numpy as np
 
 from middo_ray.prompts import (answer_prompt, judge_prompt, parse_marked, parse_score, rewrite_prompt,
                                validate_answer, validate_rewrite)
-from middo_ray.schema import (JUDGE_DIMENSIONS, DimensionScores, JudgeRequest, JudgeResponse, JudgeResult,
-                              RefineRequest, RefineResponse, RefineResult, RefineSample, SamplingParams)
+from middo_ray.schema import JUDGE_DIMENSIONS
+from middo_ray.wire import (DimensionScores, JudgeRequest, JudgeResponse, JudgeResult, RefineRequest, RefineResponse,
+                            RefineResult, RefineSample, SamplingParams)
 from middo_ray.signals.quality import aggregate_quality
 from serve.engine import Engine, GenOut, GenRow, row_seed
 

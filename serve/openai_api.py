@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from middo_ray.schema import INT64_MAX, MAX_TEXT_CHARS, MAX_WIRE_TOKENS
+from middo_ray.wire import INT64_MAX, MAX_TEXT_CHARS, MAX_WIRE_TOKENS
 
 MAX_MESSAGES = 256
 MAX_CHOICES = 8

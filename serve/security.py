@@ -20,7 +20,7 @@ import ipaddress
 import json
 from typing import Any, Callable
 
-from middo_ray.schema import ServeSettings
+from middo_ray.wire import ServeSettings
 
 DEFAULT_KEY_ENV: str = ServeSettings.model_fields["api_key_env"].default
 DEFAULT_MAX_BODY_BYTES: int = ServeSettings.model_fields["max_body_bytes"].default

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from middo_ray.config import build_config
-from middo_ray.diagnose import JUDGE_COLUMNS, run_diagnosis
+from middo_ray.diagnose import run_diagnosis
+from middo_ray.judge import JUDGE_COLUMNS
 from middo_ray.encode import encode_row
 from middo_ray.models import load_model
 from middo_ray.schema import make_row
@@ -118,7 +119,7 @@ def test_generate_judge_parses_smollm2_scores():
 
     SmolLM2-135M writes a leading number for only a minority of judge prompts at temperature 0.1, which
     is why the probability-weighted mode is the default (docs/diagnosis.md)."""
-    from middo_ray.diagnose import judge_generate, judge_scores
+    from middo_ray.judge import judge_generate, judge_scores
 
     model, tok = load_model("smollm2", "float32")
     rows = [make_row("What is the capital of France?", "The capital of France is Paris."),
@@ -136,7 +137,7 @@ def test_generate_judge_parses_smollm2_scores():
 def test_shared_prefix_judge_equals_full_prompts(tiny_model):
     """The KV-cache judge (body once, three tails) gives the same expected scores as scoring each
     full judge prompt on its own, for batches of mixed lengths."""
-    from middo_ray.diagnose import judge_scores, score_tokens
+    from middo_ray.judge import judge_scores, score_tokens
     from middo_ray.encode import render_prompt
     from middo_ray.prompts import judge_prompt
     from middo_ray.signals.quality import expected_score

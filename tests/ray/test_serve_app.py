@@ -22,7 +22,7 @@ import pytest
 
 from middo_ray.config import build_config
 from middo_ray.prompts import SIMPLIFY_MARKER, SYNTH_MARKER
-from middo_ray.schema import RefineRequest, RefineResponse
+from middo_ray.wire import RefineRequest, RefineResponse
 
 OPERATIONS = ("simplify", "improve", "synthesize")
 KEY_ENV = "MIDDO_TEST_REFINER_KEY"
@@ -592,7 +592,7 @@ def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_che
 
     from middo_ray.loop import Refiner
     from middo_ray.refine import judge_app_name, refine_jobs
-    from middo_ray.schema import JudgeRequest
+    from middo_ray.wire import JudgeRequest
     from serve.engine import TransformersEngine, model_fingerprint
     from serve.logic import run_judge
 

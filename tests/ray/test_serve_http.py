@@ -168,7 +168,7 @@ def test_backpressure_answers_503_with_retry_after(apps):
 def test_judge_prob_matches_the_diagnosis_judge(apps, tiny_model):
     """Mode 'prob' returns 6 scores in [0, 10] per sample, the same numbers the diagnosis computes with
     judge_scores on the same model and template, and their aggregate as quality."""
-    from middo_ray.diagnose import judge_scores
+    from middo_ray.judge import judge_scores
     from middo_ray.models import load_model
     from middo_ray.signals.quality import aggregate_quality
 

@@ -137,7 +137,7 @@ def test_vllm_app_auth_openai_client_and_generate_judge(vllm_app):
 def test_vllm_prob_judge_equals_the_transformers_engine(vllm_app):
     """Judge mode 'prob' on vLLM (exact log-probabilities of the score tokens via logprob_token_ids) gives the
     transformers engine's probability-weighted scores for the same samples, every judgement."""
-    from middo_ray.schema import JudgeRequest
+    from middo_ray.wire import JudgeRequest
     from serve.engine import TransformersEngine
     from serve.logic import run_judge
 
@@ -167,7 +167,7 @@ def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, judge_engine, tm
     from middo_ray.loop import Refiner
     from middo_ray.models import resolve_model
     from middo_ray.refine import judge_app_name, refine_jobs
-    from middo_ray.schema import JudgeRequest
+    from middo_ray.wire import JudgeRequest
     from serve.engine import TransformersEngine
     from serve.logic import run_judge
 

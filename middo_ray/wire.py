@@ -1,0 +1,196 @@
+"""The wire models of the refiner/judge HTTP API, and the Serve settings the run config and the app share.
+
+Kept in the library (not in ``serve/``) so the loop's client and the service agree on one definition;
+``serve/`` imports this module and never a stage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from middo_ray.schema import OPERATIONS
+
+#
+# Hard caps below are the wire contract (a body beyond them is a 422); each server also has its own,
+# usually lower, configured limits (samples per request, generated tokens, body bytes), which it
+# answers with 413 and a message naming the limit.
+
+Operation = Literal[OPERATIONS]
+
+MAX_TEXT_CHARS = 200_000        # one instruction/input/output/hint
+MAX_WIRE_SAMPLES = 4096         # samples in one refine or judge request
+MAX_WIRE_TOKENS = 32_768        # generated tokens per item
+INT64_MAX = 2**63 - 1
+
+
+class _Wire(BaseModel):
+    # NaN/Infinity are accepted by Python's JSON parser; they are never meaningful here. (Lone UTF-16
+    # surrogates, which no tokenizer accepts, are already refused by pydantic's str validation.)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RefineSample(_Wire):
+    sample_id: str | None = Field(None, max_length=512, description="Caller's id, echoed back.")
+    instruction: str = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
+    input: str = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
+    output: str = Field("", max_length=MAX_TEXT_CHARS, description="Current response (not needed for synthesize).")
+    hints: list[str] = Field(default_factory=list, max_length=8,
+                             description="synthesize only: neighbour prompts used as hints (2).")
+
+
+class SamplingParams(_Wire):
+    max_new_tokens: int = Field(160, ge=1, le=MAX_WIRE_TOKENS,
+                                description="Token cap per generated text (the server may allow fewer: 413).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, ge=-INT64_MAX, le=INT64_MAX,
+                             description="Seed for sampling; same seed and input give the same output, whatever "
+                                         "else is batched with the request. None: a fresh random seed.")
+
+
+class RefineRequest(_Wire):
+    operation: Operation = Field(..., description="simplify (hard) | improve (low quality) | synthesize (sparse).")
+    samples: list[RefineSample] = Field(..., min_length=1, max_length=MAX_WIRE_SAMPLES,
+                                        description="Samples to refine (the server may allow fewer: 413).")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    max_retries: int = Field(1, ge=0, le=5)
+    prefill_marker: bool = Field(
+        True, description="Start the teacher's rewrite with the operation's marker (assistant prefill). Small "
+                          "teachers rarely write the marker themselves; false lets the teacher work through the "
+                          "four steps first, as the reference does with gpt-4o-mini. Engines that cannot "
+                          "prefill ignore it.")
+
+
+class RefineResult(_Wire):
+    sample_id: str | None = None
+    status: Literal["ok", "failed"]
+    reason: str = Field("", description="Why the item failed (the original must then be kept).")
+    instruction: str = Field("", description="New prompt (empty on failure).")
+    input: str = ""
+    output: str = Field("", description="Fresh answer to the new prompt (empty on failure).")
+    attempts: int = 0
+    quality_before: float | None = Field(
+        None, description="Set by the loop's re-judge: judged quality (0-10) of the original sample.")
+    quality_after: float | None = Field(
+        None, description="Set by the loop's re-judge: judged quality (0-10) of the rewrite.")
+
+
+class RefineResponse(_Wire):
+    operation: Operation
+    model: str
+    results: list[RefineResult]
+
+
+JudgeMode = Literal["prob", "generate"]
+
+
+def _judge_sampling() -> "SamplingParams":
+    return SamplingParams(max_new_tokens=8, temperature=0.1, top_p=1.0)
+
+
+class JudgeSample(_Wire):
+    sample_id: str | None = Field(None, max_length=512, description="Caller's id, echoed back.")
+    instruction: str = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
+    input: str = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
+    output: str = Field("", max_length=MAX_TEXT_CHARS, description="Response to judge.")
+
+
+class JudgeRequest(_Wire):
+    samples: list[JudgeSample] = Field(..., min_length=1, max_length=MAX_WIRE_SAMPLES,
+                                       description="Samples to judge (the server may allow fewer: 413).")
+    mode: JudgeMode = Field(
+        "prob", description="'prob': expected 0-10 score under the model's next-token distribution over the score "
+                            "tokens (needs an engine with logits); 'generate': generate at low temperature and "
+                            "parse a leading 0-10 number, unparseable answers are null (never 0).")
+    template: Literal["auto", "default", "chat"] = Field(
+        "auto", description="Prompt template of 'prob' mode: 'default' (the training template), 'chat' (the "
+                            "tokenizer's chat template) or 'auto' (chat when the tokenizer has one).")
+    cutoff_len: int = Field(1024, ge=16, le=MAX_WIRE_TOKENS, description="Token cap of one judge prompt ('prob').")
+    sampling: SamplingParams = Field(default_factory=_judge_sampling,
+                                     description="Sampling of 'generate' mode (paper: temperature 0.1).")
+
+
+class DimensionScores(_Wire):
+    factuality: float | None = None
+    clarity: float | None = None
+    completeness: float | None = None
+
+
+class JudgeResult(_Wire):
+    sample_id: str | None = None
+    prompt: DimensionScores = Field(..., description="Scores (0-10) of the prompt; null = no score.")
+    response: DimensionScores = Field(..., description="Scores (0-10) of the response; null = no score.")
+    quality: float | None = Field(None, description="Mean over dimensions of (prompt + response) / 2, missing "
+                                                    "judgements left out; null when none was given.")
+    missing: int = Field(0, description="Judgements (of 6) that gave no score.")
+
+
+class JudgeResponse(_Wire):
+    mode: JudgeMode
+    model: str
+    results: list[JudgeResult]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the refiner Serve app that the run config and the app's own arguments share.
+
+
+class ServeSettings(BaseModel):
+    """The refiner app's engine, scaling, limits and security settings.
+
+    One definition for both sides: the run config's ``refine`` section (``middo_ray.config.RefineConfig``)
+    and the app's arguments (``serve.app.RefinerArgs``, for ``serve run serve.app:build_app key=value``)
+    inherit these fields, and the loop passes them across unchanged.
+    """
+
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="Engine of the refiner LLM: 'transformers' (the model runs in the Serve replicas), "
+                                    "'vllm' (Ray Serve LLM's vLLM deployment behind the app; needs vllm installed) or "
+                                    "'openai' (an external OpenAI-compatible endpoint at openai_base_url).")
+    openai_base_url: str | None = Field(None, description="engine 'openai': base URL of the endpoint, e.g. https://host/v1.")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="engine 'openai': NAME of the environment variable "
+                                                                  "holding the endpoint's API key (never the key itself).")
+    openai_prefill: bool = Field(False, description="engine 'openai': the endpoint continues an assistant prefix "
+                                                    "(continue_final_message; vLLM and this app do, the hosted OpenAI API does not).")
+    openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight to the endpoint per replica.")
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="engine 'vllm': vLLM engine arguments (Ray Serve LLM's LLMConfig.engine_kwargs), "
+                                          "e.g. {max_model_len: 4096, tensor_parallel_size: 2, gpu_memory_utilization: 0.9}.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the refiner deployment (fixed; see autoscale).")
+    autoscale: bool = Field(False, description="Let Serve scale replicas between min_replicas and max_replicas "
+                                               "(clusters); num_replicas is then ignored.")
+    min_replicas: int = Field(1, ge=0, description="autoscale: fewest replicas (0 lets the app scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="autoscale: most replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscale: ongoing requests per replica Serve aims for.")
+    max_ongoing_requests: int = Field(16, ge=1, le=1024, description="Requests a replica works on at once (batched together).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests queued per caller beyond that; more are refused "
+                                                           "with 503 and Retry-After.")
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After (seconds) sent with a 503.")
+    batch_max_rows: int = Field(16, ge=1, le=1024, description="Most prompts in one dynamic batch (one forward batch) "
+                                                               "of the engine.")
+    batch_wait_s: float = Field(0.1, ge=0, le=10, description="How long a dynamic batch waits to fill up (longer fills "
+                                                              "batches better when a batch takes seconds, as on CPU; "
+                                                              "shorter cuts latency on fast GPUs).")
+    max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples in one refine/judge request (413 above).")
+    max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens one request may ask to generate per item (413 above).")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="HTTP: largest request body in bytes (413 above).")
+    api_key_env: str = Field("MIDDO_SERVE_API_KEY", description="NAME of the environment variable holding the app's API "
+                                                                "key (clients send 'Authorization: Bearer <key>'). "
+                                                                "Required when http_host is not a loopback address.")
+    http_host: str = Field("127.0.0.1", description="Host Serve's HTTP proxy binds (a key is required beyond loopback).")
+    log_text: bool = Field(False, description="Log sample text at debug level (off: logs carry counts and ids only).")
+
+    @field_validator("vllm_engine_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_text(cls, value: Any) -> Any:
+        """``serve run ... vllm_engine_kwargs='{"max_model_len": 4096}'`` passes JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"vllm_engine_kwargs must be a JSON object, e.g. '{{\"max_model_len\": 4096}}' "
+                                 f"({exc})") from None
+        return value
