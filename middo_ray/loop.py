@@ -152,14 +152,14 @@ def _heldout_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[d
 
 
 def stage_data(cfg: MiddoConfig, stage: Stage) -> dict:
-    from middo_ray import io
+    from middo_ray import demo, io
 
     d = stage.start()
-    src = io.resolve_data_path(cfg.data.path)
+    src = io.check_data_file(demo.resolve(cfg.data.path))
     res = io.read_dataset(src, cfg.data.format, rejects_path=d / "rejects.jsonl")
     rows = res.rows
     if cfg.data.heldout_path:
-        held = io.read_dataset(io.resolve_data_path(cfg.data.heldout_path), "auto",
+        held = io.read_dataset(io.check_data_file(cfg.data.heldout_path, "data.heldout_path"), "auto",
                                rejects_path=d / "heldout_rejects.jsonl").rows
         train_rows = rows
     else:

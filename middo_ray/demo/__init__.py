@@ -36,4 +36,19 @@ def demo_path(name: str) -> Path:
     return DATA_DIR / _FILES[name]
 
 
-__all__ = ["DATA_DIR", "demo_path"]
+def resolve(spec: str, name: str = "seed") -> str:
+    """A data path from the config: ``"demo"`` is the packaged file ``name``, anything else is returned as is.
+
+    Raises:
+        FileNotFoundError: ``"demo"`` was asked for but the packaged file is missing.
+    """
+    if str(spec) != "demo":
+        return str(spec)
+    path = demo_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"the packaged demo file {path} is missing; regenerate it with "
+                                "`python -m middo_ray.demo.generate`")
+    return str(path)
+
+
+__all__ = ["DATA_DIR", "demo_path", "resolve"]

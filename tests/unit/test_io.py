@@ -10,16 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from middo_ray.demo import demo_path
-from middo_ray.io import (
-    detect_format,
-    export_llamafactory,
-    export_messages_jsonl,
-    read_dataset,
-    resolve_data_path,
-    write_dataset,
-    write_lineage,
-)
+from middo_ray.demo import demo_path, resolve
+from middo_ray.io import detect_format, export_llamafactory, export_messages_jsonl, read_dataset, write_dataset, \
+    write_lineage
 from middo_ray.schema import LINEAGE_COLUMNS, ROW_COLUMNS, make_row, sample_id
 
 pytestmark = pytest.mark.unit
@@ -355,14 +348,15 @@ def test_export_messages_jsonl_for_trl(tmp_path):
 
 def test_resolve_demo_path():
     """Guards 'demo' resolving to the packaged seed file."""
-    assert resolve_data_path("demo") == demo_path("seed") and demo_path("seed").is_file()
+    assert resolve("demo") == str(demo_path("seed")) and demo_path("seed").is_file()
+    assert resolve("/data/x.jsonl") == "/data/x.jsonl"
     with pytest.raises(ValueError, match="unknown demo file"):
         demo_path("nope")
 
 
 def test_demo_seed_loads_clean_and_defects_are_in_it():
     """Guards the demo seed: zero rejects, 200-260 rows, every defect id present, every defect kind used."""
-    res = read_dataset("demo")
+    res = read_dataset(demo_path("seed"))
     assert not res.rejects and 200 <= len(res.rows) <= 260
     ids = set(_ids(res.rows))
     defects = json.loads(demo_path("defects").read_text(encoding="utf-8"))
@@ -373,7 +367,7 @@ def test_demo_seed_loads_clean_and_defects_are_in_it():
 
 def test_demo_texts_are_short():
     """Guards the demo's size limits (instruction <= 30 words, output <= 50) that keep the CPU demo fast."""
-    for row in read_dataset("demo").rows:
+    for row in read_dataset(demo_path("seed")).rows:
         assert len(row["instruction"].split()) <= 30 and len(row["output"].split()) <= 50
 
 

@@ -1,28 +1,26 @@
-"""Reading and writing SFT data: alpaca JSON/JSONL, chat messages (OpenAI or ShareGPT), Parquet.
+"""Reading SFT data: alpaca JSON/JSONL, chat messages (OpenAI or ShareGPT), Parquet.
 
-Every input row becomes either a canonical row (see :mod:`middo_ray.schema`) or a reject that says
-which row it was and why it was refused, so one bad line never stops a run and nothing is dropped
-silently. Writers turn canonical rows back into each format, into a lineage Parquet file, and into
-files that LLaMA-Factory and TRL read directly.
+Every input row becomes either a canonical row (see :mod:`middo_ray.schema`) or a reject that says which
+row it was and why it was refused, so one bad line never stops a run and nothing is dropped silently.
 
-Row numbers in rejects are 1-based: the physical line number for JSONL (so an editor jumps to it)
-and the position in the list or table for JSON and Parquet.
+A file is read in *chunks* so that many workers can parse one large file: :func:`plan_reading` finds the
+format and splits the file (JSONL at line boundaries, Parquet at row groups; a JSON list is one chunk,
+since it cannot be split without parsing all of it), and :func:`read_chunk` parses one chunk. Row numbers
+in rejects are 1-based: the physical line number for JSONL (so an editor jumps to it) and the position in
+the list or table for JSON and Parquet. :func:`read_dataset` reads a whole file in this process (tests,
+the audit); the loop's data stage runs the same two steps on Ray (``middo_ray.data``).
 """
 
 from __future__ import annotations
 
 import json
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from middo_ray.prompts import chat_messages
-from middo_ray.schema import ROW_COLUMNS, TEXT_COLUMNS, make_row
+from middo_ray.schema import make_row
 
 FORMATS = ("alpaca", "messages", "parquet")
 STYLES = ("alpaca", "openai", "sharegpt")
@@ -33,7 +31,7 @@ _EXTENSIONS = (".json", ".jsonl", ".parquet")
 _OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 _SHAREGPT_TO_CANON = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                       "assistant": "assistant"}
-_CANON_TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
+CANON_TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
 class RowError(ValueError):
@@ -60,6 +58,25 @@ class ReadResult:
 
 
 @dataclass
+class ReadPlan:
+    """How a file is read: its format, the row layout to parse with, and its chunks.
+
+    Attributes:
+        path: The file.
+        format: "alpaca" | "messages" | "parquet" (what the run reports and writes back).
+        layout: "alpaca" | "messages" (how each row is parsed).
+        chunks: JSON-able dicts, each read by :func:`read_chunk` on its own: ``{"kind": "jsonl", "start",
+            "end", "first_line"}`` (byte range), ``{"kind": "json"}`` or ``{"kind": "parquet",
+            "row_groups", "first_row"}``.
+    """
+
+    path: str
+    format: str
+    layout: str
+    chunks: list[dict]
+
+
+@dataclass
 class _Record:
     """One input row before parsing: its number, its raw text, and its decoded value or why not."""
 
@@ -73,32 +90,19 @@ class _Record:
 # Paths and format detection
 
 
-def resolve_data_path(path: str | Path) -> Path:
-    """Turns a data path from the config into an existing file.
-
-    Args:
-        path: "demo" for the packaged demo seed set, or a path to a .json/.jsonl/.parquet file.
-
-    Returns:
-        The path of an existing file.
+def check_data_file(path: str | Path, key: str = "data.path") -> Path:
+    """The path of an existing data file with a supported extension.
 
     Raises:
-        FileNotFoundError: The file does not exist; the message names it and the fix.
+        FileNotFoundError: The file does not exist; the message names it, the config key and the fix.
+        ValueError: Unsupported extension.
     """
-    if str(path) == "demo":
-        # Imported here so that io stays importable even if the demo package is being regenerated.
-        from middo_ray.demo import demo_path
-
-        resolved = demo_path("seed")
-        if not resolved.is_file():
-            raise FileNotFoundError(f"the packaged demo seed set {resolved} is missing; "
-                                    f"regenerate it with `python -m middo_ray.demo.generate`")
-        return resolved
     resolved = Path(path).expanduser()
     if not resolved.is_file():
-        raise FileNotFoundError(f"data file '{path}' not found (resolved to {resolved.resolve()}); "
-                                f"set data.path to an existing .json/.jsonl/.parquet file, or to 'demo' "
-                                f"for the bundled demo set")
+        raise FileNotFoundError(f"data file '{path}' not found (resolved to {resolved.resolve()}); set {key} to "
+                                "an existing .json/.jsonl/.parquet file, or data.path to 'demo' for the bundled "
+                                "demo set")
+    _extension(resolved)
     return resolved
 
 
@@ -129,7 +133,7 @@ def _unknown_layout_error(path: Path, keys: Iterable[str]) -> ValueError:
         f"parquet (alpaca columns or a 'messages' column)")
 
 
-def _first_object(records: list[_Record]) -> dict | None:
+def _first_object(records: Iterable[_Record]) -> dict | None:
     """The first input row that decoded to a JSON object (rows before it may be broken)."""
     for rec in records:
         if rec.error is None and isinstance(rec.value, dict):
@@ -140,9 +144,6 @@ def _first_object(records: list[_Record]) -> dict | None:
 def detect_format(path: str | Path) -> str:
     """Detects the format of a data file from its extension and its first valid row.
 
-    Args:
-        path: A .json (list of rows), .jsonl or .parquet file.
-
     Returns:
         "parquet" for .parquet files, otherwise "alpaca" or "messages".
 
@@ -152,7 +153,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if _extension(path) == ".parquet":
         return "parquet"
-    first = _first_object(_load_records(path))
+    first = _first_object(_iter_records(path))
     if first is None:
         raise ValueError(f"cannot tell the format of '{path}': it has no row that is a JSON object")
     layout = _layout_of_keys(first)
@@ -162,21 +163,37 @@ def detect_format(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading raw records
+# Raw records
 
 
-def _load_jsonl(path: Path) -> list[_Record]:
-    """One record per non-blank line; a line that is not JSON becomes a record with an error."""
+def count_lines(data: bytes) -> int:
+    """Line ends as Python's universal newlines count them (\\n, \\r\\n and a lone \\r each end a line)."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
+def lines_in(data: bytes) -> int:
+    """Lines in a byte range that starts a line: its line ends, plus a last line without one."""
+    return count_lines(data) + (0 if not data or data.endswith((b"\n", b"\r")) else 1)
+
+
+def _jsonl_records(data: bytes, first_line: int, at_file_start: bool) -> list[_Record]:
+    """One record per non-blank line of a byte range; a line that is not UTF-8 or not JSON is an error."""
+    if at_file_start and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]                      # the UTF-8 byte-order mark, as the utf-8-sig codec drops it
     records: list[_Record] = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue  # blank lines are layout, not rows
-            try:
-                records.append(_Record(number, text, json.loads(text)))
-            except json.JSONDecodeError as err:
-                records.append(_Record(number, text, error=f"invalid JSON line: {err.msg} at column {err.colno}"))
+    for number, raw in enumerate(data.splitlines(), start=first_line):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            records.append(_Record(number, raw.decode("utf-8", errors="replace"),
+                                   error=f"invalid UTF-8 at byte {err.start} of the line"))
+            continue
+        if not text.strip():
+            continue  # blank lines are layout, not rows
+        try:
+            records.append(_Record(number, text, json.loads(text)))
+        except json.JSONDecodeError as err:
+            records.append(_Record(number, text, error=f"invalid JSON line: {err.msg} at column {err.colno}"))
     return records
 
 
@@ -192,14 +209,22 @@ def _looks_like_jsonl(text: str) -> bool:
     return False
 
 
-def _load_json(path: Path) -> list[_Record]:
-    """Records of a .json file that holds a list of rows (or, tolerated, JSON lines)."""
-    text = path.read_text(encoding="utf-8-sig")
+def _json_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"'{path}' is not UTF-8 text (byte {err.start}); a .json file must be UTF-8, or write the "
+                         "rows as .jsonl, where a bad line is rejected on its own") from err
+
+
+def _json_list_records(path: Path) -> list[_Record] | None:
+    """Records of a .json file that holds a list of rows; None when it holds JSON lines instead."""
+    text = _json_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if _looks_like_jsonl(text):
-            return _load_jsonl(path)
+            return None
         # A broken JSON list cannot be split into rows, so the whole file is refused.
         raise ValueError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
                          f"a .json file must hold a list of rows (use .jsonl for one row per line)") from err
@@ -211,20 +236,30 @@ def _load_json(path: Path) -> list[_Record]:
     return [_Record(i, json.dumps(v, ensure_ascii=False), v) for i, v in enumerate(data, start=1)]
 
 
-def _load_parquet(path: Path) -> list[_Record]:
-    """Records of a Parquet file, one per table row."""
-    table = pq.read_table(path)
-    rows = table.to_pylist()
-    return [_Record(i, json.dumps(v, ensure_ascii=False, default=str), v) for i, v in enumerate(rows, start=1)]
+def _parquet_records(pf: pq.ParquetFile, row_groups: list[int], first_row: int) -> list[_Record]:
+    rows = pf.read_row_groups(row_groups).to_pylist() if row_groups else []
+    return [_Record(i, json.dumps(v, ensure_ascii=False, default=str), v) for i, v in enumerate(rows, start=first_row)]
 
 
-def _load_records(path: Path) -> list[_Record]:
+def _iter_records(path: Path) -> Iterable[_Record]:
+    """Records of a whole file, lazily for JSONL (format detection stops at the first good row)."""
     ext = _extension(path)
-    if ext == ".jsonl":
-        return _load_jsonl(path)
+    if ext == ".parquet":
+        pf = pq.ParquetFile(path)
+        return _parquet_records(pf, list(range(pf.num_row_groups)), 1)
     if ext == ".json":
-        return _load_json(path)
-    return _load_parquet(path)
+        recs = _json_list_records(path)
+        if recs is not None:
+            return recs
+    return _jsonl_lazy(path)
+
+
+def _jsonl_lazy(path: Path) -> Iterable[_Record]:
+    with open(path, "rb") as fh:
+        line = 1
+        for i, raw in enumerate(fh):          # byte lines end at b"\n"; a lone b"\r" inside also ends one
+            yield from _jsonl_records(raw, line, i == 0)
+            line += lines_in(raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,11 +393,11 @@ def _parse_record(rec: _Record, layout: str) -> tuple[dict, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# read_dataset
+# Planning and reading chunks
 
 
-def _resolve_layout(path: Path, fmt: str, records: list[_Record]) -> tuple[str, str]:
-    """(format to report, row layout to parse with) for a requested format and the file's content."""
+def _resolve_layout(path: Path, fmt: str, first: dict | None) -> tuple[str, str]:
+    """(format to report, row layout to parse with) for a requested format and the file's first object."""
     if fmt not in ("auto",) + FORMATS:
         raise ValueError(f"unknown data format '{fmt}'; use auto, {', '.join(FORMATS)}")
     is_parquet = _extension(path) == ".parquet"
@@ -370,7 +405,6 @@ def _resolve_layout(path: Path, fmt: str, records: list[_Record]) -> tuple[str, 
         raise ValueError(f"format 'parquet' was requested but '{path}' is not a .parquet file")
     if fmt in ("alpaca", "messages"):
         return ("parquet" if is_parquet else fmt), fmt
-    first = _first_object(records)
     if first is None:
         # Nothing valid to look at: every row will be rejected anyway, so any layout will do.
         return ("parquet" if is_parquet else "alpaca"), "alpaca"
@@ -380,8 +414,101 @@ def _resolve_layout(path: Path, fmt: str, records: list[_Record]) -> tuple[str, 
     return ("parquet" if is_parquet else layout), layout
 
 
-def _reject(rec: _Record, reason: str) -> dict:
-    return {"line": rec.line, "reason": reason, "raw": rec.raw}
+def _jsonl_chunks(path: Path, rows_per_chunk: int) -> list[dict]:
+    """Byte ranges of about ``rows_per_chunk`` lines each, cut after a newline."""
+    chunks: list[dict] = []
+    start = pos = 0
+    line = first_line = 1
+    lines_in_chunk = 0
+    with open(path, "rb") as fh:
+        for raw in fh:                       # bytes lines end at b"\n" (the only cut point we use)
+            pos += len(raw)
+            n = lines_in(raw)
+            line += n
+            lines_in_chunk += n
+            if lines_in_chunk >= rows_per_chunk:
+                chunks.append({"kind": "jsonl", "start": start, "end": pos, "first_line": first_line})
+                start, first_line, lines_in_chunk = pos, line, 0
+    if pos > start or not chunks:
+        chunks.append({"kind": "jsonl", "start": start, "end": pos, "first_line": first_line})
+    return chunks
+
+
+def _parquet_chunks(path: Path, rows_per_chunk: int) -> list[dict]:
+    meta = pq.ParquetFile(path).metadata
+    chunks: list[dict] = []
+    groups: list[int] = []
+    first_row = row = 1
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        row += meta.row_group(g).num_rows
+        if row - first_row >= rows_per_chunk:
+            chunks.append({"kind": "parquet", "row_groups": groups, "first_row": first_row})
+            groups, first_row = [], row
+    if groups or not chunks:
+        chunks.append({"kind": "parquet", "row_groups": groups, "first_row": first_row})
+    return chunks
+
+
+def plan_reading(path: str | Path, format: str = "auto", rows_per_chunk: int = 2048) -> ReadPlan:
+    """The format, row layout and chunks of a data file (reads only as far as its first valid row).
+
+    Raises:
+        FileNotFoundError / ValueError: As :func:`check_data_file`; an unknown format; a broken JSON list.
+    """
+    src = check_data_file(path)
+    ext = _extension(src)
+    is_json_list = ext == ".json" and _json_list_records(src) is not None
+    fmt, layout = _resolve_layout(src, format, _first_object(_iter_records(src)))
+    if ext == ".parquet":
+        chunks = _parquet_chunks(src, rows_per_chunk)
+    elif is_json_list:
+        chunks = [{"kind": "json"}]
+    else:
+        chunks = _jsonl_chunks(src, rows_per_chunk)
+    return ReadPlan(str(src), fmt, layout, chunks)
+
+
+def _chunk_records(path: Path, chunk: dict) -> list[_Record]:
+    if chunk["kind"] == "json":
+        return _json_list_records(path) or []
+    if chunk["kind"] == "parquet":
+        return _parquet_records(pq.ParquetFile(path), chunk["row_groups"], chunk["first_row"])
+    with open(path, "rb") as fh:
+        fh.seek(chunk["start"])
+        data = fh.read(chunk["end"] - chunk["start"])
+    return _jsonl_records(data, chunk["first_line"], chunk["start"] == 0)
+
+
+def reject(line: int, reason: str, raw: str) -> dict:
+    return {"line": line, "reason": reason, "raw": raw}
+
+
+def read_chunk(plan: ReadPlan, chunk: dict) -> tuple[list[tuple[int, dict, str]], list[dict], str, int]:
+    """Parses one chunk of a planned file.
+
+    Returns:
+        ``(rows, rejects, style, n_input)``: ``(line, canonical row, raw text)`` triples in file order, the
+        rejects of rows that could not be parsed (duplicates are found across chunks, by the caller), the
+        chat style of the first parsed row ("" when none), and the number of input rows in the chunk.
+    """
+    records = _chunk_records(Path(plan.path), chunk)
+    rows: list[tuple[int, dict, str]] = []
+    rejects: list[dict] = []
+    style = ""
+    for rec in records:
+        try:
+            row, row_style = _parse_record(rec, plan.layout)
+        except RowError as err:
+            rejects.append(reject(rec.line, str(err), rec.raw))
+            continue
+        style = style or row_style
+        rows.append((rec.line, row, rec.raw))
+    return rows, rejects, style, len(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# read_dataset
 
 
 def _write_rejects(rejects: list[dict], path: str | Path) -> None:
@@ -393,11 +520,15 @@ def _write_rejects(rejects: list[dict], path: str | Path) -> None:
             fh.write(json.dumps(rej, ensure_ascii=False) + "\n")
 
 
+def duplicate_reason(first_line: int, sid: str) -> str:
+    return f"exact duplicate of row {first_line} (sample_id {sid})"
+
+
 def read_dataset(path: str | Path, format: str = "auto", rejects_path: str | Path | None = None) -> ReadResult:
-    """Reads an SFT data file into canonical rows; every input row becomes a row or a reject.
+    """Reads a whole SFT data file into canonical rows in this process; every input row is a row or a reject.
 
     Args:
-        path: "demo" or a .json (list), .jsonl or .parquet file.
+        path: A .json (list), .jsonl or .parquet file.
         format: "auto" (extension + first valid row's keys), "alpaca", "messages" or "parquet".
         rejects_path: Where to write the rejects as JSONL (created even when there are none).
 
@@ -409,24 +540,23 @@ def read_dataset(path: str | Path, format: str = "auto", rejects_path: str | Pat
         FileNotFoundError: The file does not exist.
         ValueError: Unsupported extension, unreadable .json list, or an unknown row layout.
     """
-    src = resolve_data_path(path)
-    records = _load_records(src)
-    fmt, layout = _resolve_layout(src, format, records)
-    result = ReadResult(format=fmt, style="alpaca" if layout == "alpaca" else "", n_input=len(records))
+    plan = plan_reading(path, format, rows_per_chunk=1 << 62)
+    result = ReadResult(format=plan.format, style="alpaca" if plan.layout == "alpaca" else "")
     first_seen: dict[str, int] = {}
-    for rec in records:
-        try:
-            row, style = _parse_record(rec, layout)
-        except RowError as err:
-            result.rejects.append(_reject(rec, str(err)))
-            continue
-        sid = row["sample_id"]
-        if sid in first_seen:
-            result.rejects.append(_reject(rec, f"exact duplicate of row {first_seen[sid]} (sample_id {sid})"))
-            continue
-        first_seen[sid] = rec.line
+    pending: list[tuple[int, dict | None, Any]] = []
+    for chunk in plan.chunks:
+        rows, rejects, style, n = read_chunk(plan, chunk)
+        result.n_input += n
         result.style = result.style or style
-        result.rows.append(row)
+        pending += [(line, row, raw) for line, row, raw in rows] + [(r["line"], None, r) for r in rejects]
+    for line, row, raw in sorted(pending, key=lambda t: t[0]):
+        if row is None:
+            result.rejects.append(raw)
+        elif row["sample_id"] in first_seen:
+            result.rejects.append(reject(line, duplicate_reason(first_seen[row["sample_id"]], row["sample_id"]), raw))
+        else:
+            first_seen[row["sample_id"]] = line
+            result.rows.append(row)
     # A messages file with no valid row still needs a style for writers; OpenAI is the common one.
     result.style = result.style or "openai"
     if result.n_input != len(result.rows) + len(result.rejects):
@@ -435,221 +565,3 @@ def read_dataset(path: str | Path, format: str = "auto", rejects_path: str | Pat
     if rejects_path is not None:
         _write_rejects(result.rejects, rejects_path)
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Writers
-
-
-def _history_pairs(row: dict) -> list[list[str]]:
-    history = row.get("history") or ""
-    return json.loads(history) if isinstance(history, str) and history else list(history or [])
-
-
-def _alpaca_record(row: dict) -> dict:
-    """Alpaca dict of a canonical row; system and history only when they are set."""
-    rec: dict[str, Any] = {"instruction": row["instruction"], "input": row.get("input") or "",
-                           "output": row["output"]}
-    system, history = row.get("system") or "", _history_pairs(row)
-    if system:
-        rec["system"] = system
-    if history:
-        rec["history"] = history
-    return rec
-
-
-def _messages_record(row: dict, style: str) -> dict:
-    """OpenAI ``messages`` or ShareGPT ``conversations`` dict of a canonical row."""
-    msgs = chat_messages(row, with_response=True)
-    if style == "sharegpt":
-        return {"conversations": [{"from": _CANON_TO_SHAREGPT[m["role"]], "value": m["content"]} for m in msgs]}
-    return {"messages": msgs}
-
-
-def _write_jsonl(records: Iterable[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _write_json_list(records: list[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        json.dump(records, fh, ensure_ascii=False, indent=2)
-        fh.write("\n")
-
-
-def write_dataset(rows: list[dict], path: str | Path, format: str, style: str | None = None) -> Path:
-    """Writes canonical rows in one of the input formats.
-
-    Args:
-        rows: Canonical rows.
-        path: Output file; for alpaca a ``.jsonl`` suffix gives JSON lines, anything else a JSON list.
-        format: "alpaca", "messages" (JSONL) or "parquet" (canonical + lineage columns).
-        style: For "messages": "sharegpt" writes ``conversations`` with from/value; otherwise OpenAI
-            ``messages``. Ignored by the other formats.
-
-    Returns:
-        The path written.
-
-    Note:
-        Chat formats have no separate ``input`` field, so a row with ``input`` is written with it
-        appended to the user turn (exactly as the training template renders it); reading that file
-        back gives the same text but a different ``sample_id``.
-    """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if format == "alpaca":
-        records = [_alpaca_record(r) for r in rows]
-        if out.suffix.lower() == ".jsonl":
-            _write_jsonl(records, out)
-        else:
-            _write_json_list(records, out)
-    elif format == "messages":
-        _write_jsonl((_messages_record(r, style or "openai") for r in rows), out)
-    elif format == "parquet":
-        pq.write_table(_rows_table(rows, extra=False), out)
-    else:
-        raise ValueError(f"unknown output format '{format}'; use {', '.join(FORMATS)}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Lineage Parquet
-
-_CANON_TYPES: dict[str, pa.DataType] = {**{c: pa.string() for c in TEXT_COLUMNS},
-                                        "sample_id": pa.string(), "parent_id": pa.string(),
-                                        "origin": pa.string(), "round": pa.int64(), "trigger": pa.string()}
-
-
-def _is_scalar(value: Any) -> bool:
-    """Values a Parquet column can hold directly (numpy scalars included, containers not)."""
-    return value is None or isinstance(value, (str, bool, numbers.Number, np.generic))
-
-
-def _extra_columns(rows: list[dict]) -> list[str]:
-    """Non-canonical keys whose values are scalar in every row, in first-seen order."""
-    seen: dict[str, bool] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key in _CANON_TYPES:
-                continue
-            seen[key] = seen.get(key, True) and _is_scalar(value)
-    return [k for k, ok in seen.items() if ok]
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars as Python scalars, so pyarrow infers one type per column."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _extra_array(rows: list[dict], key: str) -> pa.Array:
-    values = [_plain(r.get(key)) for r in rows]
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-        # Mixed types (e.g. numbers and strings) cannot share a column type; keep them as text.
-        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
-
-
-def _canon_value(row: dict, col: str) -> Any:
-    value = row.get(col)
-    if col in TEXT_COLUMNS and value is None:
-        return ""
-    if col == "history" and isinstance(value, list):
-        return json.dumps(value, ensure_ascii=False) if value else ""
-    return _plain(value)
-
-
-def _rows_table(rows: list[dict], extra: bool) -> pa.Table:
-    """Arrow table of the canonical columns (typed), plus the extra scalar columns if asked."""
-    arrays = {c: pa.array([_canon_value(r, c) for r in rows], type=_CANON_TYPES[c]) for c in ROW_COLUMNS}
-    if extra:
-        for key in _extra_columns(rows):
-            arrays[key] = _extra_array(rows, key)
-    return pa.table(arrays)
-
-
-def write_lineage(rows: list[dict], path: str | Path) -> Path:
-    """Writes rows to Parquet with every canonical and lineage column and any extra scalar columns.
-
-    Args:
-        rows: Canonical rows, possibly carrying scores or flags (scalar values only are kept;
-            a column holding lists or dicts in any row is left out).
-        path: Output .parquet file.
-
-    Returns:
-        The path written.
-    """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_rows_table(rows, extra=True), out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Exports for trainers
-
-
-def _llamafactory_entry(file_name: str, with_system: bool, with_history: bool) -> dict:
-    """dataset_info.json entry for an alpaca file (LLaMA-Factory's column-mapping names)."""
-    columns = {"prompt": "instruction", "query": "input", "response": "output"}
-    if with_system:
-        columns["system"] = "system"
-    if with_history:
-        columns["history"] = "history"
-    return {"file_name": file_name, "formatting": "alpaca", "columns": columns}
-
-
-def export_llamafactory(rows: list[dict], out_dir: str | Path, name: str) -> Path:
-    """Writes ``<name>.json`` (alpaca) and its entry in ``dataset_info.json`` for LLaMA-Factory.
-
-    Use it with ``dataset_dir: <out_dir>`` and ``dataset: <name>``. An existing dataset_info.json is
-    updated, not replaced, so several exports can share one directory.
-
-    Args:
-        rows: Canonical rows.
-        out_dir: Directory for both files (created if needed).
-        name: Dataset name, used as the file stem and the dataset_info.json key.
-
-    Returns:
-        The path of the written ``<name>.json``.
-    """
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with_system = any(r.get("system") for r in rows)
-    with_history = any(r.get("history") for r in rows)
-    # Mapped columns are written on every row: a key missing from some rows reads as null there.
-    records = []
-    for r in rows:
-        rec = _alpaca_record(r)
-        if with_system:
-            rec["system"] = r.get("system") or ""
-        if with_history:
-            rec["history"] = _history_pairs(r)
-        records.append(rec)
-    data_file = root / f"{name}.json"
-    _write_json_list(records, data_file)
-    info_file = root / "dataset_info.json"
-    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
-    info[name] = _llamafactory_entry(data_file.name, with_system, with_history)
-    info_file.write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return data_file
-
-
-def export_messages_jsonl(rows: list[dict], path: str | Path) -> Path:
-    """Writes OpenAI-style ``{"messages": [...]}`` JSONL, the layout TRL's SFTTrainer reads.
-
-    Args:
-        rows: Canonical rows.
-        path: Output .jsonl file.
-
-    Returns:
-        The path written.
-    """
-    return write_dataset(rows, path, "messages", style="openai")
-
-
-__all__ = [
-    "FORMATS", "STYLES", "ReadResult", "RowError", "detect_format", "export_llamafactory",
-    "export_messages_jsonl", "read_dataset", "resolve_data_path", "write_dataset", "write_lineage",
-]
