@@ -80,7 +80,7 @@ def _threads() -> None:
 def plain_diagnosis(rows: list[dict], model: str, dtype: str, batch_tokens: int, block: int = 256) -> dict:
     """The same work as run_diagnosis (judge and IFD off) in one process: two models, blockwise."""
     from middo_ray.models import load_model
-    from middo_ray.signals.diversity import knn_search
+    from middo_ray.signals.knn import knn_search
 
     _threads()
     t0 = time.time()

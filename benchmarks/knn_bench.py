@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from middo_ray.signals.diversity import exact_neighbors, knn_search, recall_at_k  # noqa: E402
+from middo_ray.signals.exact import exact_neighbors, recall_at_k  # noqa: E402
+from middo_ray.signals.knn import knn_search  # noqa: E402
 
 EXACT_MAX_N = 50_000   # the default of diagnose.knn_exact_max_n
 

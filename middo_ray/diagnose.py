@@ -172,7 +172,7 @@ def run_diagnosis(rows: list[dict], cfg: MiddoConfig, current_model: str,
     One pass over the data: each block is read and tokenized once, and the actor computes the
     pre-model loss (only for ids not cached), the current-model loss, embedding, IFD and judge scores.
     """
-    from middo_ray.signals.diversity import knn_search
+    from middo_ray.signals.knn import knn_search
 
     t0 = time.time()
     dcfg = cfg.diagnose

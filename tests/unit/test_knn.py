@@ -6,13 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from middo_ray.signals.diversity import (
-    KnnResult,
-    exact_neighbors,
-    knn_search,
-    knn_similarity,
-    recall_at_k,
-)
+from middo_ray.signals.exact import exact_neighbors, recall_at_k
+from middo_ray.signals.knn import KnnResult, knn_search, knn_similarity
 
 pytestmark = pytest.mark.unit
 

@@ -1,21 +1,11 @@
-"""Pure math of the diversity axis: embeddings in, kNN similarity scores out.
+"""Approximate cosine kNN with a FAISS inverted-file (IVF) index, for N beyond exact search.
 
-Two searches share one contract (cosine similarity, a row is never its own neighbour, invalid rows
-are never neighbours):
-
-* **exact**: query blocks against base blocks with a running top-k, so memory is
-  ``query_block x base_block`` floats whatever N is (the reference builds an N x N matrix).
-  Cost is O(N^2 D): fine up to ~10^5 rows, about 10^15 FLOP at 1M x 576.
-* **faiss**: an inverted-file (IVF) search on unit vectors. FAISS trains spherical k-means
-  centroids on a seeded subsample and assigns every row to its ``nprobe`` nearest lists; each
-  list is then multiplied once with all the rows that probe it (the queries are the indexed rows
-  themselves, so this list-by-list scan is BLAS-bound, where a query-by-query IVF scan is
-  memory-bound). A seeded sample of rows is checked against exact search and ``nprobe`` doubles
-  until recall@k reaches the target (0.95). Returned similarities are exact cosines of the
-  neighbours found; only which neighbours are found is approximate.
-
-``knn_search`` picks one (``method='auto'``: exact up to ``exact_max_n`` rows, FAISS above) and
-returns a ``KnnResult``. See docs/knn.md for the rule and measured numbers.
+FAISS trains spherical k-means centroids on a seeded subsample and assigns every row to its ``nprobe``
+nearest lists; each list is then multiplied once with all the rows that probe it (the queries are the
+indexed rows themselves, so this list-by-list scan is BLAS-bound, where a query-by-query IVF scan is
+memory-bound). A seeded sample of rows is checked against exact search and ``nprobe`` grows until
+recall@k reaches the target (0.95). Returned similarities are exact cosines of the neighbours found;
+only which neighbours are found is approximate. Numbers: docs/knn.md.
 """
 
 from __future__ import annotations
@@ -24,173 +14,16 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("auto", "exact", "faiss")
+from middo_ray.signals.exact import (_PRODUCT_FLOATS, _block_topk, _exact_topk, _merge_topk, _unit_rows,
+                                     recall_at_k)
+
 FAISS_OPTIONS = ("nlist", "nprobe", "train_size", "niter", "threads", "scan", "target_recall", "recall_sample")
 SCANS = ("lists", "index")
-
-_QUERY_BLOCK = 2048          # query rows per matrix product in the exact search
-_PRODUCT_FLOATS = 1 << 25    # cap on one query_block x base_block product (128 MiB of float32)
 _FAISS_CHUNK = 65536         # rows normalised / coarse-assigned per step
 _SPLIT_RATIO = 2.0           # k-means lists above this multiple of the mean size are split
-
-
-@dataclass
-class KnnResult:
-    """Neighbours of every row and the diversity score derived from them."""
-
-    avg_sim: np.ndarray   # (N,) float64: mean similarity to the k neighbours; NaN if fewer than k valid others
-    nbr_idx: np.ndarray   # (N, k) int64: neighbour rows, most similar first (ties: lower index first); -1 where missing
-    nbr_sim: np.ndarray   # (N, k) float32: their cosine similarities; NaN where missing
-    info: dict = field(default_factory=dict)  # method, index parameters, seconds, ...
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; zero or non-finite rows become NaN rows (excluded from search)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    ok = np.isfinite(norms) & (norms > 0)
-    out = np.full_like(x, np.nan)
-    np.divide(x, norms, out=out, where=ok)
-    return out
-
-
-def _unit_rows(x: np.ndarray, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-length float32 copies of ``x[rows]`` with invalid rows zeroed, and their validity mask."""
-    u = l2_normalize(x[rows])
-    ok = np.isfinite(u).all(axis=1)
-    u[~ok] = 0.0
-    return u, ok
-
-
-def _valid_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """Rows with a finite, non-zero norm (the same rule as ``l2_normalize``), computed in chunks."""
-    out = np.empty(x.shape[0], dtype=bool)
-    for s in range(0, x.shape[0], chunk):
-        out[s:s + chunk] = _unit_rows(x, slice(s, s + chunk))[1]
-    return out
-
-
-def _check(embeddings, k: int) -> np.ndarray:
-    x = np.asarray(embeddings)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be a 2-D array of shape (N, D); got shape {x.shape}. "
-                         "Stack one vector per row (a single vector is x[None, :]).")
-    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
-        raise ValueError(f"embeddings must be real numbers; got dtype {x.dtype}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1 (neighbours per row); got {k!r}")
-    return x if x.dtype == np.float32 else x.astype(np.float32)
-
-
-def _merge_topk(sim_a, idx_a, sim_b, idx_b, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best k of two candidate sets per row: higher similarity first, then lower index."""
-    sim = np.concatenate([sim_a, sim_b], axis=1)
-    idx = np.concatenate([idx_a, idx_b], axis=1)
-    key = np.where(idx < 0, np.iinfo(np.int64).max, idx)  # empty slots last
-    order = np.lexsort((key, -sim), axis=1)[:, :k]
-    return np.take_along_axis(sim, order, axis=1), np.take_along_axis(idx, order, axis=1)
-
-
-def _block_topk(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k columns per row of a similarity block (overwritten), best first, lower column on ties."""
-    b, m = s.shape
-    kk = min(k, m)
-    rows = np.arange(b)
-    if kk <= 8:
-        # k small (the diversity axis uses 2): k argmax passes touch the block k times and allocate
-        # nothing of its size, where argpartition would allocate a b x m int64 array.
-        idx = np.empty((b, kk), dtype=np.int64)
-        sim = np.empty((b, kk), dtype=np.float32)
-        for j in range(kk):
-            a = s.argmax(axis=1)
-            idx[:, j] = a
-            sim[:, j] = s[rows, a]
-            s[rows, a] = -np.inf
-    else:
-        part = np.argpartition(s, m - kk, axis=1)[:, m - kk:]
-        psim = np.take_along_axis(s, part, axis=1)
-        order = np.lexsort((part, -psim), axis=1)
-        idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
-        sim = np.take_along_axis(psim, order, axis=1)
-    idx[~np.isfinite(sim)] = -1
-    return sim, idx
-
-
-def _exact_topk(x: np.ndarray, valid: np.ndarray, queries: np.ndarray, k: int,
-                query_block: int = _QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of rows ``queries`` against every valid row of ``x`` (self excluded by index).
-
-    Base rows are normalised block by block, so no normalised copy of ``x`` is kept; memory is
-    ``query_block x base_block`` floats plus O(len(queries) x k).
-    """
-    n = x.shape[0]
-    nq = len(queries)
-    out_sim = np.full((nq, k), -np.inf, dtype=np.float32)
-    out_idx = np.full((nq, k), -1, dtype=np.int64)
-    if nq == 0 or n == 0:
-        return out_sim, out_idx
-    qb = max(1, min(query_block, nq))
-    bb = max(256, min(n, _PRODUCT_FLOATS // qb))
-    for qs in range(0, nq, qb):
-        qrows = queries[qs:qs + qb]
-        q, q_ok = _unit_rows(x, qrows)
-        best_sim = np.full((len(qrows), k), -np.inf, dtype=np.float32)
-        best_idx = np.full((len(qrows), k), -1, dtype=np.int64)
-        for bs in range(0, n, bb):
-            be = min(bs + bb, n)
-            base, _ = _unit_rows(x, slice(bs, be))
-            s = q @ base.T
-            bad = ~valid[bs:be]
-            if bad.any():
-                s[:, bad] = -np.inf
-            mine = np.flatnonzero((qrows >= bs) & (qrows < be))
-            s[mine, qrows[mine] - bs] = -np.inf        # never your own neighbour (by index, not value)
-            sim, idx = _block_topk(s, k)
-            idx[idx >= 0] += bs
-            best_sim, best_idx = _merge_topk(best_sim, best_idx, sim, idx, k)
-        best_sim[~q_ok], best_idx[~q_ok] = -np.inf, -1   # an invalid row has no neighbours
-        out_sim[qs:qs + len(qrows)] = best_sim
-        out_idx[qs:qs + len(qrows)] = best_idx
-    return out_sim, out_idx
-
-
-def exact_neighbors(embeddings: np.ndarray, rows: np.ndarray | None = None, k: int = 2,
-                    query_block: int = _QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of the given rows (default: all) against the whole set.
-
-    Used as the ground truth for recall and to finish rows an approximate search left short.
-
-    Returns:
-        nbr_idx (len(rows), k) int64 (-1 where missing) and nbr_sim (len(rows), k) float32 (NaN
-        where missing), most similar first, ties broken by lower index.
-    """
-    x = _check(embeddings, k)
-    valid = _valid_rows(x)
-    rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
-    sim, idx = _exact_topk(x, valid, rows, k, query_block)
-    sim[idx < 0] = np.nan
-    return idx, sim
-
-
-def knn_similarity(embeddings: np.ndarray, k: int = 2, block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact cosine kNN of every row against all others.
-
-    Args:
-        embeddings: (N, D) vectors; rows with NaN/zero norm get NaN scores and are never neighbours.
-        k: neighbours per row (the reference uses 2).
-        block: query rows per matrix product (memory is ``block x base_block`` floats, never N x N).
-
-    Returns:
-        avg_sim (N,): mean similarity to the k neighbours (NaN if fewer than k valid others);
-        nbr_idx (N, k): neighbour indices, most similar first, ties by lower index (-1 where missing);
-        nbr_sim (N, k): their similarities.
-    """
-    r = knn_search(embeddings, k=k, method="exact", block=block)
-    return r.avg_sim, r.nbr_idx, r.nbr_sim
 
 
 def _default_threads() -> int:
@@ -476,91 +309,3 @@ def _index_search(index, xn: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
         Ds = np.where(Is < 0, -np.inf, Ds).astype(np.float32)
         D[s:s + len(q)], I[s:s + len(q)] = _merge_topk(Ds, Is, Ds[:, :0], Is[:, :0], k)
     return D, I
-
-
-def knn_search(embeddings: np.ndarray, k: int = 2, method: str = "auto", exact_max_n: int = 50_000,
-               seed: int = 0, block: int = _QUERY_BLOCK, **faiss_opts) -> KnnResult:
-    """Cosine k-nearest neighbours of every row, exact or with FAISS, and their mean similarity.
-
-    Semantics (both methods): rows are L2-normalised; a row is never its own neighbour (excluded by
-    index, so exact duplicates are each other's neighbours at similarity 1); rows with a zero or
-    non-finite norm get NaN and are never neighbours; with fewer than k valid other rows every
-    score is NaN.
-
-    Args:
-        embeddings: (N, D) array, any real dtype (computed in float32).
-        k: neighbours per row (the diversity axis uses 2).
-        method: 'exact', 'faiss', or 'auto' (exact when N <= exact_max_n, FAISS above).
-        exact_max_n: the largest N that 'auto' searches exactly.
-        seed: seeds the k-means subsample and initialisation and the recall-check sample; FAISS
-            results are deterministic for a given seed, input and thread count.
-        block: query rows per matrix product in the exact search.
-        **faiss_opts: nlist, nprobe, train_size, niter, threads, scan, target_recall,
-            recall_sample (see ``faiss_params``); unknown names are an error.
-
-    Peak memory, beyond the caller's array (and a float32 copy of it if it is not float32); never
-    an N x N matrix:
-        exact: one query x base product of at most 2^25 floats (128 MiB) plus O(N k).
-        faiss: a unit-norm copy, N x D x 4 bytes (2.2 GiB at 1M x 576); coarse assignments and
-            candidates, about N x (8 width + nprobe (16 + 12 k)) bytes with width = max(16, 4 nprobe)
-            (~0.5 GiB at 1M, nprobe 9); the k-means sample, train_size x D x 4 bytes; one 128 MiB
-            product. scan='index' adds FAISS's own copy of the vectors (another N x D x 4 bytes).
-        Measured peak RSS at 1M x 576: 5.4 GiB including the 2.1 GiB input (docs/knn.md).
-
-    Returns:
-        KnnResult; ``info`` has the method used, its parameters and the wall seconds.
-    """
-    t0 = time.perf_counter()
-    x = _check(embeddings, k)
-    if method not in METHODS:
-        raise ValueError(f"unknown kNN method {method!r}; use one of {list(METHODS)}")
-    if isinstance(exact_max_n, bool) or not isinstance(exact_max_n, (int, np.integer)) or exact_max_n < 1:
-        raise ValueError(f"exact_max_n must be an integer >= 1; got {exact_max_n!r}")
-    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-        raise ValueError(f"block must be an integer >= 1 (query rows per product); got {block!r}")
-    n = x.shape[0]
-    chosen = method if method != "auto" else ("exact" if n <= exact_max_n else "faiss")
-    if chosen == "exact" and faiss_opts:
-        faiss_params(max(n, 1), **faiss_opts)        # still reject typos, even when unused
-    valid = _valid_rows(x)
-    nv = int(valid.sum())
-    info: dict = {"method": chosen, "n": n, "n_valid": nv, "k": k}
-    if chosen == "exact":
-        info["block"] = int(block)
-    avg = np.full(n, np.nan)
-    sims = np.full((n, k), np.nan, dtype=np.float32)
-    idx = np.full((n, k), -1, dtype=np.int64)
-    if nv > k:                                       # every valid row has >= k valid others
-        vrows = np.flatnonzero(valid)
-        if chosen == "exact":
-            s, i = _exact_topk(x, valid, vrows, k, block)
-            sims[vrows], idx[vrows] = s, i
-        else:
-            params = faiss_params(nv, **faiss_opts)
-            with _faiss_threads(params["threads"]):
-                s, i, finfo = _faiss_topk(x, valid, k, seed, params)
-            sims[vrows], idx[vrows] = s[vrows], i[vrows]
-            info.update(finfo)
-        sims[idx < 0] = np.nan
-        avg[vrows] = sims[vrows].astype(np.float64).mean(axis=1)   # NaN if any neighbour is missing
-    elif chosen == "faiss":
-        info.update(faiss_params(max(nv, 1), **faiss_opts))
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    return KnnResult(avg, idx, sims, info)
-
-
-def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
-    """Fraction of the exact neighbours that the approximate search also returned.
-
-    Both (N, k) with -1 for missing; rows are compared as sets, so order does not matter. Exact
-    neighbours marked -1 are not counted. Returns NaN when there is no exact neighbour at all.
-    Note: among exactly tied neighbours the two searches may pick different rows; that counts as a miss.
-    """
-    a = np.asarray(approx_idx)
-    e = np.asarray(exact_idx)
-    if a.ndim != 2 or a.shape != e.shape:
-        raise ValueError(f"approx_idx and exact_idx must be (N, k) arrays of the same shape; "
-                         f"got {a.shape} and {e.shape}")
-    hit = ((a[:, :, None] == e[:, None, :]) & (e[:, None, :] >= 0)).any(axis=1)  # (N, k) per exact nbr
-    total = int((e >= 0).sum())
-    return float("nan") if total == 0 else float(hit.sum()) / total
