@@ -83,7 +83,7 @@ def bench_direct(engine, prompts: list[str], concurrency: int, batch_rows: int, 
 
 
 def _direct(engine, prompts: list[str], concurrency: int, batch_rows: int, max_tokens: int) -> dict:
-    from serve.engine import GenRow
+    from serve.engines import GenRow
 
     rows = [GenRow([{"role": "user", "content": p}], max_new_tokens=max_tokens, temperature=0.0, seed=i)
             for i, p in enumerate(prompts)]
@@ -116,7 +116,7 @@ class VLLMDirect:
     def generate_rows(self, rows) -> list:
         from vllm import SamplingParams
 
-        from serve.engine import prompt_token_ids
+        from serve.engines.vllm import prompt_token_ids
 
         prompts = [{"prompt_token_ids": prompt_token_ids(self._tok, self._template, r, self._max_len)} for r in rows]
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, seed=r.seed) for r in rows]
@@ -199,7 +199,7 @@ def main() -> None:
     from ray import serve
 
     from serve.app import build_app
-    from serve.engine import TransformersEngine
+    from serve.engines.transformers import TransformersEngine
 
     os.environ.setdefault(KEY_ENV, "bench-key")
     max_c = max(args.concurrency)

@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from middo_ray.wire import JudgeRequest, JudgeResponse, RefineRequest, RefineResponse, ServeSettings
 from serve import logic
-from serve.engine import GenOut, GenRow, describe, make_engine, row_seed
+from serve.engines import GenOut, GenRow, describe, make_engine, row_seed
 from serve.logic import run_refine, sample_prompt  # noqa: F401  (re-exported: the app's public helpers)
 from serve.metrics import MetricsMiddleware, ServeMetrics, set_current
 from serve.openai_api import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ModelCard, ModelList, Usage
@@ -171,7 +171,7 @@ class Refiner:
     def __init__(self, args: dict, api_key_digest: str | None = None, engine_key: SecretStr | None = None,
                  llm=None) -> None:
         from middo_ray.models import threads_for_actor
-        from serve.engine import vllm_max_model_len
+        from serve.engines.vllm import vllm_max_model_len
 
         a = RefinerArgs.model_validate(args)
         self._args = a
@@ -458,7 +458,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     options.update(scaling)
     llm = None
     if a.engine == "vllm":
-        from serve.engine import vllm_deployment
+        from serve.engines.vllm import vllm_deployment
 
         # The model runs in Ray Serve LLM's deployment (its own replicas, CPUs/GPUs and scaling); the
         # ingress only renders prompts and checks outputs, so it reserves no GPU. vLLM queues what it

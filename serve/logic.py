@@ -39,7 +39,7 @@ from middo_ray.schema import JUDGE_DIMENSIONS
 from middo_ray.wire import (DimensionScores, JudgeRequest, JudgeResponse, JudgeResult, RefineRequest, RefineResponse,
                             RefineResult, RefineSample, SamplingParams)
 from middo_ray.signals.quality import aggregate_quality
-from serve.engine import Engine, GenOut, GenRow, row_seed
+from serve.engines import Engine, GenOut, GenRow, row_seed
 
 Generate = Callable[[list[GenRow]], Awaitable[list[GenOut]]]
 

@@ -67,7 +67,7 @@ class ScriptedEngine:
         return "scripted"
 
     def generate_rows(self, rows):
-        from serve.engine import GenOut
+        from serve.engines import GenOut
 
         self.calls.append([r.messages[0]["content"] for r in rows])
         self.prefills.append([r.messages[-1]["content"] for r in rows] if rows[0].continue_final else None)
@@ -253,7 +253,8 @@ def test_transformers_engine_rows_do_not_depend_on_their_batch(tiny_model):
 
 
 def _check_engine_rows() -> None:
-    from serve.engine import GenRow, TransformersEngine
+    from serve.engines import GenRow
+    from serve.engines.transformers import TransformersEngine
 
     eng = TransformersEngine("tiny")
     rows = [GenRow([{"role": "user", "content": f"Explain topic {i} please"}], max_new_tokens=6 + 3 * i,
@@ -593,7 +594,8 @@ def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_che
     from middo_ray.loop import Refiner
     from middo_ray.refine import judge_app_name, refine_jobs
     from middo_ray.wire import JudgeRequest
-    from serve.engine import TransformersEngine, model_fingerprint
+    from serve.engines import model_fingerprint
+    from serve.engines.transformers import TransformersEngine
     from serve.logic import run_judge
 
     cfg, teacher, _ = refiner

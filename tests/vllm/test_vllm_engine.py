@@ -70,7 +70,8 @@ def vllm_app(ray_vllm):
 def test_vllm_greedy_text_equals_the_transformers_engine(vllm_app):
     """Greedy chat completions from the vLLM deployment are the transformers engine's tokens for the same
     chats: both render the prompt with the same function and run the same float32 weights."""
-    from serve.engine import GenRow, TransformersEngine
+    from serve.engines import GenRow
+    from serve.engines.transformers import TransformersEngine
 
     _, handle, _ = vllm_app
     rows = [GenRow(messages=[{"role": "user", "content": p}], max_new_tokens=12, temperature=0.0) for p in PROMPTS]
@@ -138,7 +139,7 @@ def test_vllm_prob_judge_equals_the_transformers_engine(vllm_app):
     """Judge mode 'prob' on vLLM (exact log-probabilities of the score tokens via logprob_token_ids) gives the
     transformers engine's probability-weighted scores for the same samples, every judgement."""
     from middo_ray.wire import JudgeRequest
-    from serve.engine import TransformersEngine
+    from serve.engines.transformers import TransformersEngine
     from serve.logic import run_judge
 
     _, _, url = vllm_app
@@ -168,7 +169,7 @@ def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, judge_engine, tm
     from middo_ray.models import resolve_model
     from middo_ray.refine import judge_app_name, refine_jobs
     from middo_ray.wire import JudgeRequest
-    from serve.engine import TransformersEngine
+    from serve.engines.transformers import TransformersEngine
     from serve.logic import run_judge
 
     cfg, handle, _ = vllm_app
