@@ -14,6 +14,15 @@ def mean_std(x: np.ndarray, ddof: int = 0) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=ddof))
 
 
+def zscore(x: np.ndarray, ddof: int = 0, sign: float = 1.0) -> np.ndarray:
+    """sign * (x - mean) / std over the finite values; NaN where x is NaN or the std is 0/undefined."""
+    mu, sd = mean_std(x, ddof)
+    x = np.asarray(x, dtype=np.float64)
+    if not (np.isfinite(sd) and sd > 0):
+        return np.full(x.shape, np.nan)
+    return sign * (x - mu) / sd
+
+
 def upper_flags(x: np.ndarray, m: float, ddof: int = 0) -> tuple[np.ndarray, float]:
     """x > mean + m*std; NaN values are never flagged. Returns (flags, threshold)."""
     mu, sd = mean_std(x, ddof)

@@ -6,7 +6,7 @@ import pytest
 from middo_ray.signals.diversity import knn_similarity
 from middo_ray.signals.loss import masked_mean, per_sample_mean_nll
 from middo_ray.signals.quality import aggregate_quality, expected_score
-from middo_ray.signals.thresholds import complexity_flags, diversity_flags, quality_flags
+from middo_ray.signals.thresholds import complexity_flags, diversity_flags, quality_flags, zscore
 
 pytestmark = pytest.mark.unit
 
@@ -88,3 +88,18 @@ def test_thresholds_guard_nan_and_empty():
     assert np.isfinite(thr["quality"])
     f, thr = diversity_flags(np.array([]), 1.0)
     assert f.size == 0 and thr["knn_sim"] != thr["knn_sim"]  # NaN threshold
+
+
+def test_zscore_values_nan_passthrough_zero_std_and_sign():
+    """zscore is sign * (x - mean) / std over the finite values: NaN stays NaN and is left out of the
+    statistics, a constant (or too short) column gives all NaN, and sign flips the direction."""
+    x = np.array([1.0, 2.0, 3.0, np.nan])
+    z = zscore(x)                                   # mean 2, population std sqrt(2/3)
+    np.testing.assert_allclose(z[:3], [-np.sqrt(1.5), 0.0, np.sqrt(1.5)])
+    assert np.isnan(z[3])
+    np.testing.assert_allclose(zscore(x, ddof=1)[:3], [-1.0, 0.0, 1.0])   # sample std 1
+    np.testing.assert_array_equal(zscore(x, ddof=1, sign=-1.0)[:3], [1.0, -0.0, -1.0])
+    assert np.isnan(zscore(x, ddof=1, sign=-1.0)[3])
+    assert np.isnan(zscore(np.array([4.0, 4.0, np.nan]))).all()          # zero std
+    assert np.isnan(zscore(np.array([7.0]), ddof=1)).all()                # std undefined
+    assert zscore(np.array([])).shape == (0,)
