@@ -1,8 +1,42 @@
-"""Selection rules of the three axes (reference §2-4), with m per axis and NaN/empty guards."""
+"""Selection rules of the three axes (reference §2-4), with m per axis and NaN/empty guards.
+
+Two forms of the same math: on one array (``mean_std``, ``zscore``, ``*_flags``), and from moments that
+were aggregated elsewhere (``Moments``, ``standardize``, ``upper_threshold``/``lower_threshold``), which is
+how the select stage applies the rules shard by shard with the dataset's global mean and std.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import numpy as np
+
+
+class Moments(NamedTuple):
+    """Count, mean and std of a column's finite values (NaN mean/std when there are too few of them)."""
+
+    n: int
+    mean: float
+    std: float
+
+
+def standardize(x: np.ndarray, mo: Moments, sign: float = 1.0) -> np.ndarray:
+    """sign * (x - mean) / std; NaN where x is NaN, and everywhere when the std is 0 or undefined."""
+    x = np.asarray(x, dtype=np.float64)
+    if not (math.isfinite(mo.std) and mo.std > 0):
+        return np.full(x.shape, np.nan)
+    return sign * (x - mo.mean) / mo.std
+
+
+def upper_threshold(mo: Moments, m: float) -> float:
+    """mean + m * std (NaN when undefined: nothing is flagged then)."""
+    return mo.mean + m * mo.std
+
+
+def lower_threshold(mo: Moments, m: float) -> float:
+    """mean - m * std (NaN when undefined: nothing is flagged then)."""
+    return mo.mean - m * mo.std
 
 
 def mean_std(x: np.ndarray, ddof: int = 0) -> tuple[float, float]:
@@ -17,10 +51,7 @@ def mean_std(x: np.ndarray, ddof: int = 0) -> tuple[float, float]:
 def zscore(x: np.ndarray, ddof: int = 0, sign: float = 1.0) -> np.ndarray:
     """sign * (x - mean) / std over the finite values; NaN where x is NaN or the std is 0/undefined."""
     mu, sd = mean_std(x, ddof)
-    x = np.asarray(x, dtype=np.float64)
-    if not (np.isfinite(sd) and sd > 0):
-        return np.full(x.shape, np.nan)
-    return sign * (x - mu) / sd
+    return standardize(x, Moments(0, mu, sd), sign)
 
 
 def upper_flags(x: np.ndarray, m: float, ddof: int = 0) -> tuple[np.ndarray, float]:

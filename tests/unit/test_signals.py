@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from middo_ray.signals.diversity import knn_similarity
+from middo_ray.signals.knn import knn_similarity
 from middo_ray.signals.loss import masked_mean, per_sample_mean_nll
 from middo_ray.signals.quality import aggregate_quality, expected_score
 from middo_ray.signals.thresholds import complexity_flags, diversity_flags, quality_flags, zscore
