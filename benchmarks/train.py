@@ -57,15 +57,9 @@ def plain_loop(rows: list[dict], cfg, spec: str) -> dict:
 
     from middo_ray.encode import encode_row
     from middo_ray.models import load_model, threads_for_actor
-    from middo_ray.train import (
-        MAX_GRAD_NORM,
-        _keep_from,
-        collate,
-        plan_batches,
-        response_nll_sum,
-        row_key,
-        window_token_counts,
-    )
+    from middo_ray.train.dist import _keep_from
+    from middo_ray.train.plan import (MAX_GRAD_NORM, collate, plan_batches, response_nll_sum, row_key,
+                                      window_token_counts)
 
     t0 = time.time()
     threads = threads_for_actor()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from middo_ray.schema import AXES, Axis
 from middo_ray.wire import ServeSettings
 
 
@@ -39,6 +40,10 @@ class DataConfig(_Section):
     cutoff_len: int = Field(512, ge=16, description="Max tokens of prompt+response; longer samples are truncated by the stated rule.")
     template: Literal["default", "chat"] = Field(
         "default", description="'default': the reference's 'Human: ...\\nAssistant:' template; 'chat': the tokenizer's chat template.")
+    rows_per_shard: int = Field(
+        2048, ge=1, description="Rows per Parquet shard of the run's datasets: the unit of parallel work, of commit "
+                                "and of resume in every stage (a killed stage redoes only its unfinished shards). "
+                                "A multiple of diagnose.rows_per_block keeps diagnosis batches independent of it.")
 
 
 class ModelConfig(_Section):
@@ -73,8 +78,7 @@ class SelectConfig(_Section):
     complexity_m: float = Field(1.0, description="Hard iff loss_pre > mu+m*sigma AND loss_cur > mu+m*sigma.")
     diversity_m: float = Field(1.0, description="Sparse iff avg kNN similarity < mu - m*sigma.")
     quality_m: float = Field(1.0, description="Low quality iff mean judge score < mu - m*sigma.")
-    axes: list[Literal["complexity", "diversity", "quality"]] = Field(
-        ["complexity", "diversity", "quality"], description="Axes to act on.")
+    axes: list[Axis] = Field(list(AXES), description="Axes to act on.")
     mode: Literal["sigma", "budget"] = Field(
         "sigma", description="'sigma': the spec's mean +/- m*sigma rules; 'budget': flag at most budget_fraction "
                              "of the samples per axis, worst first (still only those beyond the sigma rule "
@@ -128,6 +132,8 @@ class RefineConfig(ServeSettings, _Section):
     max_concurrency: int = Field(4, ge=1, description="Requests in flight from the refine stage to the Serve app.")
     request_timeout_s: float = Field(900.0, gt=0, description="A request that has not answered this many seconds after "
                                                               "it was sent fails its items (originals kept, reason recorded).")
+    client_workers: int = Field(1, ge=1, description="Ray Data workers that send the refine stage's requests, a "
+                                                     "shard at a time each; refine.max_concurrency is shared by them.")
     cache: bool = Field(True, description="Cache LLM calls by content (request, model, revision, sampling) in the run "
                                           "directory, so a rerun or resumed run repeats none.")
     # The Serve deployment.
@@ -199,6 +205,9 @@ class TrainConfig(_Section):
                                "every this many optimizer steps; 0 = only the final model.")
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts after a worker dies, each from the last checkpoint (-1 = unlimited).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (the schedule is planned for them); None = the "
+                                "steps of train.epochs. For smoke runs and benchmarks.")
 
     @model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":

@@ -1,227 +1,400 @@
-"""Diagnosis stage: per-sample signals from the models themselves, on Ray Data actor pools.
+"""Diagnosis stage: per-sample signals from the models themselves, shard by shard on a Ray Data actor pool.
 
 - complexity: mean response-token NLL under the pre model (``loss_pre``) and the current model
   (``loss_cur``), prompt masked, padding never counted (``scoring.forward_scores``);
 - diversity: mask-aware mean of the current model's last hidden states over the prompt tokens, taken
   from the same forward pass as ``loss_cur`` (causal attention makes them equal to a prompt-only
   pass). Note: the reference pools the raw ``instruction\\ninput`` text without a template; we pool the
-  templated prompt, which the pass already has;
+  templated prompt, which the pass already has. Each sample's k nearest neighbours by cosine similarity
+  of these embeddings give ``knn_sim``;
 - quality: the current model judges factuality, clarity and completeness of the prompt and of the
-  response (6 judgements), in one of two modes (``diagnose.judge_mode``):
-  ``prob`` (default): the expected 0-10 score under the model's distribution of the answer token after
-  the judge prompt, one forward pass, no generation or parsing; the three judgements of a target share
-  their body (task + sample), computed once and reused through the KV cache;
-  ``generate``: the paper's way, generate at temperature 0.1 and parse a leading 0-10 number; answers
-  without one are missing (NaN), never 0;
+  response (6 judgements, :mod:`middo_ray.judge`), by token probabilities (``diagnose.judge_mode=prob``)
+  or by generating and parsing a score (``generate``, the paper's way; an unparsed answer is missing);
 - IFD (optional part of the quality axis): ``loss_cur`` over the loss of the same response tokens after
-  an empty prompt (Cherry LLM's instruction-following difficulty), the empty-prompt variants scored in
-  the same length-sorted batches as ``loss_cur``.
+  an empty prompt, the empty-prompt variants scored in the same length-sorted batches as ``loss_cur``.
 
-Each actor loads its models once and receives blocks of rows, each read and tokenized once; it returns
-``sample_id`` plus signal columns, and the driver joins them by ``sample_id``. Pre-model losses never
-change for a sample, so they are cached by id across rounds and only uncached rows are scored with the
-pre model. kNN runs on the driver (exact blocked, or FAISS for large N; ``signals.diversity``).
+What ``round_<k>/diagnose/`` holds::
+
+    signals/part-*.parquet     sample_id, ordinal (position in the dataset), loss_pre, loss_cur,
+                               n_response_tokens, truncated, loss_empty, ifd, the 6 judgements q_*,
+                               quality (a missing value is null)
+    embeddings/part-*.parquet  sample_id, embedding (float32, the hidden size)
+    neighbors/part-*.parquet   sample_id, knn_sim, nbr_ids (the k nearest, most similar first), nbr_sims
+    stage.json                 counts (pre losses computed and reused, missing values, judge, IFD, kNN)
+
+Each dataset shard is one unit of work (``middo_ray.shardmap``): an actor that loaded the models once
+reads the shard, scores it in blocks of ``diagnose.rows_per_block`` rows (each tokenized once; the pre
+loss, current loss, embedding, IFD and judge scores from the same blocks), and commits its signal and
+embedding shards. Pre-model losses never change for a sample, and a sample that survives a round keeps
+its shard (merge writes shard i of D_k from shard i of D_{k-1}), so the actor reads ``loss_pre`` from its
+shard's signals of the previous round and scores only new samples with the pre model, which it loads
+only when a shard has one. The kNN step then runs as one task over the embedding shards (exact blocked
+search or a FAISS index, ``signals.knn``; memory model in docs/knn.md) and writes neighbour shards
+aligned with the signal shards.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from middo_ray.config import MiddoConfig
-from middo_ray.encode import encode_row
+from middo_ray import storage
+from middo_ray.config import DiagnoseConfig
+from middo_ray.encode import empty_prompt_variant, encode_row
 from middo_ray.judge import JUDGE_COLUMNS, judge_generate, judge_scores
-from middo_ray.schema import JUDGE_DIMENSIONS, TEXT_COLUMNS, require_columns
+from middo_ray.rundir import StageContext, StageResult, read_record
+from middo_ray.schema import JUDGE_DIMENSIONS, TEXT_COLUMNS
 from middo_ray.scoring import forward_scores
+from middo_ray.shardmap import map_shards, node_pool, nodes_of, run_task
+from middo_ray.signals.knn import knn_search
 from middo_ray.signals.quality import aggregate_quality
+from middo_ray.storage import ShardSet
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("middo")
 
 INPUT_COLUMNS = ("sample_id",) + TEXT_COLUMNS
+SIGNAL_FLOATS = ("loss_pre", "loss_cur", "loss_empty", "ifd") + JUDGE_COLUMNS + ("quality",)
+COUNT_KEYS = ("rows", "pre_loss_computed", "pre_loss_cached", "missing_loss_cur", "missing_quality", "judgements",
+              "missing_judgements", "ifd_missing", "ifd_above_1", "truncated", "input_tokens")
 
 
-def _rows(batch: dict) -> list[dict]:
-    n = len(batch["sample_id"])
-    return [{c: (batch[c][i] if batch[c][i] is not None else "") for c in INPUT_COLUMNS} for i in range(n)]
+@dataclass
+class DiagnosisOutput:
+    """The diagnosis of one dataset: three shard sets aligned with its shards (same names, same rows)."""
+
+    dataset: ShardSet
+    signals: ShardSet
+    embeddings: ShardSet
+    neighbors: ShardSet
+
+    def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """One shard's signals joined with its neighbours (``knn_sim``, ``nbr_ids``, ``nbr_sims``)."""
+        sig = storage.read_table(self.signals.path(name), columns and ["sample_id"] + [
+            c for c in columns if c not in ("knn_sim", "nbr_ids", "nbr_sims", "sample_id")])
+        want = [c for c in ("knn_sim", "nbr_ids", "nbr_sims") if columns is None or c in columns]
+        if want:
+            nb = storage.read_table(self.neighbors.path(name), ["sample_id"] + want)
+            if nb.column("sample_id") != sig.column("sample_id"):
+                raise RuntimeError(f"diagnosis shard {name}: neighbours and signals are not aligned; rerun diagnose")
+            for c in want:
+                sig = sig.append_column(c, nb.column(c))
+        return sig
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Data actor class (stage adapter).
+# The actor.
 
-class DiagnosisScorer:
-    """One actor per model replica: reads each block once and computes every per-sample signal.
+def _nulls(x: np.ndarray) -> pa.Array:
+    """float64 values with NaN (a missing value) as null."""
+    x = np.asarray(x, dtype=np.float64)
+    return pa.array(np.where(np.isfinite(x), x, np.nan), type=pa.float64(), from_pandas=True)
 
-    - ``loss_cur``, the prompt embedding (same pass) and, when enabled, the IFD denominator (the
-      empty-prompt variants run in the same length-sorted batches) under the current model;
-    - ``loss_pre`` under the pre model, only for rows whose ``need_pre`` is set (the driver caches it
-      by id across rounds); the pre model is not loaded at all when no row needs it;
-    - the six judge scores under the current model (probability-weighted or generated).
-    """
 
-    def __init__(self, model: str, pre_model: str | None, dtype: str, template: str, cutoff_len: int,
-                 batch_tokens: int, judge: bool, judge_mode: str = "prob", ifd: bool = False,
+class DiagnoseShards:
+    """One actor per model replica: loads M_t (and lazily the pre model) once, then diagnoses shards."""
+
+    def __init__(self, model: str, pre_model: str, dtype: str, template: str, cutoff_len: int, batch_tokens: int,
+                 rows_per_block: int, judge: bool, judge_mode: str = "prob", ifd: bool = False,
                  judge_temperature: float = 0.1, judge_max_new_tokens: int = 8, seed: int = 0):
         from middo_ray.models import load_model, threads_for_actor
 
         threads_for_actor()
         self.model, self.tok = load_model(model, dtype)
-        self.pre_model, self.pre_tok, self.same_tok = None, None, True
-        if pre_model is not None:
-            self.pre_model, self.pre_tok = load_model(pre_model, dtype)
-            self.same_tok = self.pre_tok.get_vocab() == self.tok.get_vocab()
-        self.template, self.cutoff, self.batch_tokens = template, cutoff_len, batch_tokens
+        self.pre_spec, self.dtype = pre_model, dtype
+        self.pre_model = self.pre_tok = None
+        self.same_tok = True
+        self.template, self.cutoff, self.batch_tokens, self.block = template, cutoff_len, batch_tokens, rows_per_block
         self.judge, self.judge_mode, self.ifd = judge, judge_mode, ifd
         self.judge_temperature, self.judge_max_new_tokens, self.seed = judge_temperature, judge_max_new_tokens, seed
 
-    def __call__(self, batch: dict) -> dict:
-        from middo_ray.encode import empty_prompt_variant
+    def _load_pre(self) -> None:
+        from middo_ray.models import load_model
 
-        require_columns("diagnose", batch.keys(), INPUT_COLUMNS)
-        rows = _rows(batch)
+        if self.pre_model is None:
+            self.pre_model, self.pre_tok = load_model(self.pre_spec, self.dtype)
+            self.same_tok = self.pre_tok.get_vocab() == self.tok.get_vocab()
+
+    def process(self, unit: dict) -> dict:
+        rows = [{c: (v if v is not None else "") for c, v in r.items()}
+                for r in storage.read_table(unit["input"], INPUT_COLUMNS).to_pylist()]
+        cached: dict[str, float] = {}
+        if unit.get("previous") and storage.exists(unit["previous"]):
+            prev = storage.read_table(unit["previous"], ["sample_id", "loss_pre"]).to_pylist()
+            cached = {r["sample_id"]: r["loss_pre"] for r in prev if r["loss_pre"] is not None}
+        blocks = [self._block(rows[s:s + self.block], cached) for s in range(0, len(rows), self.block)]
+        cols = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]} if blocks else _empty_columns()
+        emb = cols.pop("embedding")
+        ids = [r["sample_id"] for r in rows]
+        width = emb.shape[1] if emb.ndim == 2 else 0
+        storage.write_table(unit["embeddings"], pa.table({
+            "sample_id": pa.array(ids, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).ravel()), width)}))
+        table = pa.table({"sample_id": pa.array(ids, pa.string()),
+                          "ordinal": pa.array(unit["offset"] + np.arange(len(rows)), pa.int64()),
+                          **{c: _nulls(cols[c]) for c in SIGNAL_FLOATS},
+                          "n_response_tokens": pa.array(cols["n_response_tokens"], pa.int64()),
+                          "truncated": pa.array(cols["truncated"], pa.bool_())})
+        summary = self._summary(unit, cols, len(rows), int(cols["_computed"].sum()))
+        storage.write_table(unit["commit"], table, summary)
+        return summary
+
+    def _block(self, rows: list[dict], cached: dict[str, float]) -> dict[str, np.ndarray]:
+        """Every signal of one block of rows, each row tokenized once."""
         n = len(rows)
         enc = [encode_row(r, self.tok, self.template, self.cutoff) for r in rows]
         extra = [empty_prompt_variant(e, r, self.tok, self.template) for e, r in zip(enc, rows)] if self.ifd else []
         s = forward_scores(self.model, enc + extra, self.tok.pad_token_id, self.batch_tokens, want_embedding=True)
-        out = {
-            "sample_id": np.asarray(batch["sample_id"]),
-            "loss_cur": s.loss[:n],
-            "n_response_tokens": s.n_tokens[:n],
-            "truncated": np.asarray([e.truncated for e in enc]),
-            "embedding": s.embedding[:n].astype(np.float32),
-        }
+        out = {"loss_cur": s.loss[:n], "n_response_tokens": s.n_tokens[:n],
+               "truncated": np.asarray([e.truncated for e in enc], dtype=bool),
+               "embedding": s.embedding[:n].astype(np.float32),
+               "_input_tokens": np.asarray([len(e.input_ids) for e in enc], dtype=np.int64)}
         if self.ifd:
             out["loss_empty"] = s.loss[n:]
             with np.errstate(invalid="ignore", divide="ignore"):
                 out["ifd"] = np.where(s.loss[n:] > 0, s.loss[:n] / s.loss[n:], np.nan)
         else:
             out["loss_empty"] = out["ifd"] = np.full(n, np.nan)
-        need = np.asarray(batch.get("need_pre", np.ones(n, bool)), dtype=bool)
-        loss_pre = np.full(n, np.nan)
-        if self.pre_model is not None and need.any():
+        need = np.asarray([r["sample_id"] not in cached for r in rows], dtype=bool)
+        loss_pre = np.asarray([cached.get(r["sample_id"], np.nan) for r in rows], dtype=np.float64)
+        if need.any():
+            self._load_pre()
             idx = np.flatnonzero(need)
             pre_enc = [enc[i] for i in idx] if self.same_tok else \
                 [encode_row(rows[i], self.pre_tok, self.template, self.cutoff) for i in idx]
             loss_pre[idx] = forward_scores(self.pre_model, pre_enc, self.pre_tok.pad_token_id, self.batch_tokens).loss
-        out["loss_pre"] = loss_pre
-        if not self.judge:
-            q = np.full((n, 6), np.nan)
-        elif self.judge_mode == "generate":
-            q = judge_generate(self.model, self.tok, rows, self.template, self.cutoff, self.batch_tokens,
-                               self.judge_temperature, self.judge_max_new_tokens, self.seed)
-        else:
-            q = judge_scores(self.model, self.tok, rows, self.template, self.cutoff, self.batch_tokens)
+        out["loss_pre"], out["_computed"] = loss_pre, need
+        q = self._judge(rows)
         for j, col in enumerate(JUDGE_COLUMNS):
             out[col] = q[:, j]
+        out["quality"] = aggregate_quality(q[:, :3], q[:, 3:])[1]
         return out
+
+    def _judge(self, rows: list[dict]) -> np.ndarray:
+        if not self.judge:
+            return np.full((len(rows), 6), np.nan)
+        if self.judge_mode == "generate":
+            return judge_generate(self.model, self.tok, rows, self.template, self.cutoff, self.batch_tokens,
+                                  self.judge_temperature, self.judge_max_new_tokens, self.seed)
+        return judge_scores(self.model, self.tok, rows, self.template, self.cutoff, self.batch_tokens)
+
+    def _summary(self, unit: dict, cols: dict, n: int, computed: int) -> dict:
+        judged = np.stack([cols[c] for c in JUDGE_COLUMNS], axis=1) if n else np.zeros((0, 6))
+        return {"unit": unit["id"], "rows": n, "pre_loss_computed": computed, "pre_loss_cached": n - computed,
+                "missing_loss_cur": int(np.isnan(cols["loss_cur"]).sum()),
+                "missing_quality": int(np.isnan(cols["quality"]).sum()),
+                "judgements": int(judged.size) if self.judge else 0,
+                "missing_judgements": int(np.isnan(judged).sum()) if self.judge else 0,
+                "ifd_missing": int(np.isnan(cols["ifd"]).sum()) if self.ifd else 0,
+                "ifd_above_1": int(np.nansum(cols["ifd"] > 1)) if self.ifd else 0,
+                "truncated": int(cols["truncated"].sum()), "input_tokens": int(cols["_input_tokens"].sum())}
+
+
+def _empty_columns() -> dict[str, np.ndarray]:
+    cols = {c: np.zeros(0) for c in SIGNAL_FLOATS}
+    cols.update(n_response_tokens=np.zeros(0, np.int64), truncated=np.zeros(0, bool), _computed=np.zeros(0, bool),
+                _input_tokens=np.zeros(0, np.int64), embedding=np.zeros((0, 0), np.float32))
+    return cols
 
 
 # ---------------------------------------------------------------------------------------------
-# Driver side.
+# kNN over the embedding shards.
+
+def read_embeddings(paths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The (N, D) float32 matrix and the ids of embedding shards, in order."""
+    mats, ids = [], []
+    for p in paths:
+        t = storage.read_table(p)
+        col = t.column("embedding").combine_chunks()
+        width = col.type.list_size
+        mats.append(col.values.to_numpy(zero_copy_only=False).reshape(len(t), width))
+        ids += t.column("sample_id").to_pylist()
+    width = max((m.shape[1] for m in mats), default=0)
+    return (np.concatenate(mats) if mats else np.zeros((0, width), np.float32)), ids
+
+
+def _knn_task(emb_paths: list[str], out_paths: list[str], k: int, method: str, exact_max_n: int, seed: int) -> dict:
+    """The kNN task: reads every embedding shard, searches, writes neighbour shards aligned with them."""
+    x, ids = read_embeddings(emb_paths)
+    res = knn_search(x, k=k, method=method, exact_max_n=exact_max_n, seed=seed)
+    id_arr = np.asarray(ids, dtype=object)
+    at = 0
+    for emb_path, out in zip(emb_paths, out_paths):
+        n = storage.num_rows(emb_path)
+        idx, sim = res.nbr_idx[at:at + n], res.nbr_sim[at:at + n]
+        nbr_ids = [[id_arr[j] if j >= 0 else None for j in row] for row in idx]
+        nbr_sims = [[float(v) if np.isfinite(v) else None for v in row] for row in sim]
+        storage.write_table(out, pa.table({"sample_id": pa.array(ids[at:at + n], pa.string()),
+                                           "knn_sim": _nulls(res.avg_sim[at:at + n]),
+                                           "nbr_ids": pa.array(nbr_ids, pa.list_(pa.string())),
+                                           "nbr_sims": pa.array(nbr_sims, pa.list_(pa.float32()))}))
+        at += n
+    return res.info
+
+
+def knn_memory(n: int, width: int, method: str) -> int:
+    """Bytes the kNN task reserves: the vectors, a unit-norm copy (FAISS) and the working products."""
+    vectors = n * width * 4
+    return int(vectors * (2.5 if method != "exact" else 1.5) + (256 << 20))
+
+
+def _run_knn(ctx: StageContext, cfg: DiagnoseConfig, embeddings: ShardSet, width: int) -> dict:
+    n = embeddings.total
+    method = cfg.knn_method if cfg.knn_method != "auto" else ("exact" if n <= cfg.knn_exact_max_n else "faiss")
+    memory = knn_memory(n, width, method)
+    _check_memory(memory, n, width)
+    outs = [ctx.path("neighbors", name) for name in embeddings.names]
+    t0 = time.time()
+    info = run_task(_knn_task, embeddings.paths(), outs, cfg.knn_k, cfg.knn_method, cfg.knn_exact_max_n, ctx.seed,
+                    what="diagnose: kNN", num_cpus=cfg.cpus_per_actor, memory=memory)
+    info["seconds_task"] = round(time.time() - t0, 3)
+    info["memory_reserved"] = memory
+    return info
+
+
+def _check_memory(memory: int, n: int, width: int) -> None:
+    """Refuses a kNN task no node can hold (Ray would wait for such a node forever)."""
+    import ray
+
+    nodes = [nd.get("Resources", {}).get("memory", 0) for nd in ray.nodes() if nd.get("Alive")]
+    if nodes and memory > max(nodes):
+        raise ValueError(f"the kNN over {n} x {width} embeddings needs about {memory / 2**30:.1f} GiB in one task, "
+                         f"more than any node offers ({max(nodes) / 2**30:.1f} GiB); use nodes with more memory "
+                         "(docs/knn.md gives the figures per N and hidden size)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+def _units(ctx: StageContext, dataset: ShardSet, previous: "DiagnosisOutput | None") -> list[dict]:
+    units = []
+    for name, rows, offset in zip(dataset.names, dataset.rows, dataset.offsets()):
+        prev = previous.signals.path(name) if previous is not None and name in previous.signals.names else None
+        units.append({"id": name, "rows": rows, "offset": offset, "input": dataset.path(name), "previous": prev,
+                      "embeddings": ctx.path("embeddings", name), "commit": ctx.path("signals", name)})
+    return units
+
+
+def _worker_kwargs(ctx: StageContext, cfg: DiagnoseConfig, model: str) -> dict:
+    c = ctx.cfg
+    return {"model": model, "pre_model": c.model.pre or c.model.base, "dtype": c.model.dtype,
+            "template": c.data.template, "cutoff_len": c.data.cutoff_len, "batch_tokens": cfg.batch_tokens,
+            "rows_per_block": cfg.rows_per_block, "judge": cfg.judge, "judge_mode": cfg.judge_mode, "ifd": cfg.ifd,
+            "judge_temperature": cfg.judge_temperature, "judge_max_new_tokens": cfg.judge_max_new_tokens,
+            "seed": ctx.seed}
+
+
+def run(ctx: StageContext, cfg: DiagnoseConfig, inputs: dict) -> StageResult:
+    """Diagnoses ``inputs["dataset"]`` (a ShardSet) with ``inputs["model"]`` (M_t) as the current model.
+
+    ``inputs["previous"]`` (the previous round's DiagnosisOutput, optional) supplies the pre-model losses of
+    the samples it already scored.
+    """
+    t0 = time.time()
+    dataset: ShardSet = inputs["dataset"]
+    summaries = map_shards(_units(ctx, dataset, inputs.get("previous")), DiagnoseShards,
+                           _worker_kwargs(ctx, cfg, inputs["model"]), what="diagnose",
+                           actors=node_pool(cfg.num_actors, cfg.cpus_per_actor))
+    t_pass = time.time() - t0
+    signals = ShardSet(ctx.path("signals"), dataset.names, dataset.rows).save()
+    embeddings = ShardSet(ctx.path("embeddings"), dataset.names, dataset.rows).save()
+    width = _width(embeddings)
+    t1 = time.time()
+    knn = _run_knn(ctx, cfg, embeddings, width) if dataset.total else {"method": "none", "n": 0}
+    neighbors = ShardSet(ctx.path("neighbors"), dataset.names, dataset.rows).save()
+    totals = {k: sum(int(s.get(k, 0)) for s in summaries) for k in COUNT_KEYS}
+    info = {**{k: totals[k] for k in ("rows", "pre_loss_computed", "pre_loss_cached", "missing_loss_cur",
+                                      "missing_quality", "truncated", "input_tokens")},
+            "judge": {"enabled": cfg.judge, "mode": cfg.judge_mode, "judgements": totals["judgements"],
+                      "missing_judgements": totals["missing_judgements"]},
+            "ifd": {"enabled": cfg.ifd, "missing": totals["ifd_missing"] if cfg.ifd else None,
+                    "above_1": totals["ifd_above_1"] if cfg.ifd else None},
+            "knn": knn, "hidden_size": width, "nodes": nodes_of(summaries),
+            "seconds": {"pass": round(t_pass, 2), "knn": round(time.time() - t1, 3), "total": round(time.time() - t0, 2)},
+            "shards": {"dataset": dataset.to_json(), "signals": signals.to_json(), "embeddings": embeddings.to_json(),
+                       "neighbors": neighbors.to_json()}}
+    log.info("diagnose: %d rows in %.1fs (model pass %.1fs, kNN %s %.2fs)", totals["rows"], time.time() - t0, t_pass,
+             knn.get("method"), info["seconds"]["knn"])
+    return StageResult(info, _output(info))
+
+
+def _width(embeddings: ShardSet) -> int:
+    for name, n in zip(embeddings.names, embeddings.rows):
+        if n:
+            return int(storage.read_schema(embeddings.path(name)).field("embedding").type.list_size)
+    return 0
+
+
+def _output(info: dict) -> DiagnosisOutput:
+    sh = info["shards"]
+    return DiagnosisOutput(*(ShardSet.from_json(sh[k]) for k in ("dataset", "signals", "embeddings", "neighbors")))
+
+
+def load(stage_dir: str) -> StageResult:
+    info = read_record(stage_dir)
+    return StageResult(info, _output(info))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows in memory (tests, benchmarks, the audit).
 
 @dataclass
 class Diagnosis:
-    """Signals of one round, aligned with the input rows' order (joined by sample_id)."""
+    """Signals of rows held in memory, aligned with the rows' order (joined by sample_id)."""
 
     sample_ids: list[str]
     columns: dict[str, np.ndarray]
     embeddings: np.ndarray
-    counts: dict = field(default_factory=dict)
+    counts: dict
+    output: DiagnosisOutput | None = None
 
 
-def pool_options(cfg: MiddoConfig) -> dict:
-    """Actor-pool size and resources from the cluster.
-
-    GPUs present: one actor per GPU (``num_gpus=1``). CPU only: one actor per alive node, spread over
-    the nodes, each using all of its node's cores through torch threads (``threads_for_actor``). The
-    CPU reservation is fractional (``diagnose.cpus_per_actor``): a whole-CPU actor pool next to Ray
-    Data's read tasks stalls on 2-CPU machines. ``diagnose.num_actors`` overrides the count.
-    """
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus > 0:
-        return {"concurrency": cfg.diagnose.num_actors or gpus, "num_gpus": 1}
-    nodes = [nd for nd in ray.nodes() if nd.get("Alive") and nd.get("Resources", {}).get("CPU", 0) > 0]
-    n = cfg.diagnose.num_actors or max(1, len(nodes))
-    opts: dict = {"concurrency": n, "num_cpus": cfg.diagnose.cpus_per_actor}
-    if n > 1:
-        opts["scheduling_strategy"] = "SPREAD"
-    return opts
-
-
-def _run_scorer(rows: list[dict], need_pre: list[bool], ctor_kwargs: dict, cfg: MiddoConfig) -> dict[str, np.ndarray]:
-    import ray
-
-    items = [{**{c: r.get(c) or "" for c in INPUT_COLUMNS}, "need_pre": bool(p)} for r, p in zip(rows, need_pre)]
-    ds = ray.data.from_items(items)
-    out = ds.map_batches(DiagnosisScorer, fn_constructor_kwargs=ctor_kwargs, batch_size=cfg.diagnose.rows_per_block,
-                         batch_format="numpy", **pool_options(cfg))
-    blocks = list(out.iter_batches(batch_size=None, batch_format="numpy"))
-    if not blocks:
-        return {}
-    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+def collect(out: DiagnosisOutput) -> Diagnosis:
+    """Every shard's signals, neighbours (also as row positions, ``nbr_idx``) and embeddings, in order."""
+    tables = [out.table(name) for name in out.signals.names]
+    table = pa.concat_tables(tables) if tables else None
+    ids = table.column("sample_id").to_pylist() if table is not None else []
+    pos = {s: i for i, s in enumerate(ids)}
+    cols: dict[str, np.ndarray] = {}
+    if table is not None:
+        for c in SIGNAL_FLOATS + ("knn_sim",):
+            cols[c] = table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+        cols["n_response_tokens"] = table.column("n_response_tokens").to_numpy()
+        cols["truncated"] = table.column("truncated").to_numpy(zero_copy_only=False).astype(bool)
+        cols["nbr_idx"] = np.asarray([[pos[j] if j is not None else -1 for j in row]
+                                      for row in table.column("nbr_ids").to_pylist()], dtype=np.int64)
+    emb, emb_ids = read_embeddings(out.embeddings.paths())
+    if emb_ids != ids:
+        raise RuntimeError("diagnosis embeddings are not aligned with the signals; rerun diagnose")
+    return Diagnosis(ids, cols, emb, {}, out)
 
 
-def run_diagnosis(rows: list[dict], cfg: MiddoConfig, current_model: str,
-                  pre_cache: dict[str, float] | None = None) -> Diagnosis:
-    """Computes every signal for ``rows``; ``pre_cache`` (sample_id -> loss_pre) is read and extended.
+def run_diagnosis(rows: list[dict], cfg, current_model: str, work_dir: str | None = None,
+                  previous: DiagnosisOutput | None = None) -> Diagnosis:
+    """Diagnoses rows held in memory: writes them as shards (``data.rows_per_shard``) under ``work_dir`` (a
+    temporary directory by default), runs the stage there and reads every signal back in row order."""
+    import tempfile
 
-    One pass over the data: each block is read and tokenized once, and the actor computes the
-    pre-model loss (only for ids not cached), the current-model loss, embedding, IFD and judge scores.
-    """
-    from middo_ray.signals.knn import knn_search
+    from middo_ray.io.write import write_shards
 
-    t0 = time.time()
-    dcfg = cfg.diagnose
-    pre_cache = {} if pre_cache is None else pre_cache
     ids = [r["sample_id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise ValueError("diagnosis input has duplicate sample_ids; merge must deduplicate by id")
-    need = [s not in pre_cache for s in ids]
-    kwargs = {"model": current_model, "pre_model": (cfg.model.pre or cfg.model.base) if any(need) else None,
-              "dtype": cfg.model.dtype, "template": cfg.data.template, "cutoff_len": cfg.data.cutoff_len,
-              "batch_tokens": dcfg.batch_tokens, "judge": dcfg.judge, "judge_mode": dcfg.judge_mode,
-              "ifd": dcfg.ifd, "judge_temperature": dcfg.judge_temperature,
-              "judge_max_new_tokens": dcfg.judge_max_new_tokens, "seed": cfg.run.seed}
-    t_pass = time.time()
-    cur = _run_scorer(rows, need, kwargs, cfg) if rows else {}
-    t_pass = time.time() - t_pass
-    pos = {str(s): i for i, s in enumerate(cur.get("sample_id", []))}
-    missing = [s for s in ids if s not in pos]
-    if missing:
-        raise RuntimeError(f"diagnosis lost {len(missing)} samples (e.g. {missing[:3]}); this is a bug")
-    order = np.asarray([pos[s] for s in ids], dtype=np.int64)
-    for s, i, p in zip(ids, order, need):
-        if p:
-            pre_cache[s] = float(cur["loss_pre"][i])
-    cols = {k: np.asarray(v)[order] for k, v in cur.items() if k not in ("sample_id", "embedding")}
-    emb = np.asarray(cur["embedding"])[order] if rows else np.zeros((0, 0), np.float32)
-    cols["loss_pre"] = np.asarray([pre_cache[s] for s in ids], dtype=np.float64)
-    q_prompt = np.stack([cols[f"q_prompt_{d}"] for d in JUDGE_DIMENSIONS], axis=1) if rows else np.zeros((0, 3))
-    q_resp = np.stack([cols[f"q_response_{d}"] for d in JUDGE_DIMENSIONS], axis=1) if rows else np.zeros((0, 3))
-    _, cols["quality"] = aggregate_quality(q_prompt, q_resp)
-    t_knn = time.time()
-    knn = knn_search(emb, k=dcfg.knn_k, method=dcfg.knn_method, exact_max_n=dcfg.knn_exact_max_n, seed=cfg.run.seed)
-    cols["knn_sim"] = knn.avg_sim
-    cols["nbr_idx"] = knn.nbr_idx
-    t_knn = time.time() - t_knn
-    judged = np.stack([cols[c] for c in JUDGE_COLUMNS], axis=1) if rows else np.zeros((0, 6))
-    counts = {
-        "rows": len(rows), "pre_loss_computed": int(sum(need)), "pre_loss_cached": len(rows) - int(sum(need)),
-        "missing_loss_cur": int(np.isnan(cols.get("loss_cur", np.zeros(0))).sum()),
-        "missing_quality": int(np.isnan(cols["quality"]).sum()),
-        "judge": {"enabled": dcfg.judge, "mode": dcfg.judge_mode,
-                  "judgements": int(judged.size) if dcfg.judge else 0,
-                  "missing_judgements": int(np.isnan(judged).sum()) if dcfg.judge else 0},
-        "ifd": {"enabled": dcfg.ifd, "missing": int(np.isnan(cols.get("ifd", np.zeros(0))).sum()) if dcfg.ifd else None,
-                "above_1": int(np.nansum(cols.get("ifd", np.zeros(0)) > 1)) if dcfg.ifd else None},
-        "truncated": int(np.asarray(cols.get("truncated", np.zeros(0))).sum()),
-        "knn": knn.info,
-        "seconds": {"pass": round(t_pass, 2), "knn": round(t_knn, 3), "total": round(time.time() - t0, 2)},
-    }
-    log.info("diagnosis: %d rows in %.1fs (model pass %.1fs, kNN %s %.2fs)", len(rows), time.time() - t0, t_pass,
-             knn.info.get("method"), t_knn)
-    return Diagnosis(ids, cols, emb, counts)
+    root = work_dir or tempfile.mkdtemp(prefix="middo_diagnose_")
+    dataset = write_shards(rows, storage.join(root, "dataset"), cfg.data.rows_per_shard)
+    stage_dir = storage.join(root, "diagnose")
+    storage.makedirs(stage_dir)
+    ctx = StageContext(cfg, stage_dir, 1, root)
+    result = run(ctx, cfg.diagnose, {"dataset": dataset, "model": current_model, "previous": previous})
+    diag = collect(result.output)
+    diag.counts = result.info
+    if diag.sample_ids != ids:
+        raise RuntimeError("diagnosis lost or reordered samples; this is a bug")
+    return diag
+
+
+__all__ = ["DiagnoseShards", "Diagnosis", "DiagnosisOutput", "JUDGE_DIMENSIONS", "collect", "load", "read_embeddings",
+           "run", "run_diagnosis"]

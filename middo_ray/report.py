@@ -39,22 +39,31 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _shards(run: Path, k: int, stage: str, name: str):
+    """The shard set ``name`` a finished stage recorded (None when the stage is not finished)."""
+    from middo_ray.rundir import RECORD
+    from middo_ray.storage import ShardSet
+
+    record = run / f"round_{k}" / stage / RECORD
+    if not record.is_file():
+        return None
+    return ShardSet.from_json(json.loads(record.read_text())["shards"][name])
+
+
 def _examples(run: Path, k: int, limit: int = 4) -> str:
-    path = run / f"round_{k}" / "refine" / "results.jsonl"
-    if not path.is_file():
+    from middo_ray import storage
+
+    results = _shards(run, k, "refine", "results")
+    if results is None:
         return ""
     items = []
-    with open(path) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec["result"].get("status") == "ok":
-                items.append(rec)
-            if len(items) >= limit:
-                break
+    for path in results.paths():
+        items += [r for r in storage.read_table(path).to_pylist() if r["status"] == "ok"][: limit - len(items)]
+        if len(items) >= limit:
+            break
     if not items:
         return "<p>No accepted rewrites this round.</p>"
-    rows = [[r["job"]["operation"], r["job"]["instruction"][:300], r["result"]["instruction"][:300],
-             r["result"]["output"][:300]] for r in items]
+    rows = [[r["operation"], r["before_instruction"][:300], r["instruction"][:300], r["output"][:300]] for r in items]
     return _table(["operation", "before (prompt)", "after (prompt)", "after (answer)"], rows)
 
 
@@ -63,15 +72,13 @@ def _known_defects(run: Path) -> str:
     from middo_ray.demo import demo_path
 
     data_info = run / "round_0" / "data" / "stage.json"
-    flags_path = run / "round_1" / "select" / "flags.parquet"
-    if not (data_info.is_file() and flags_path.is_file()):
+    flags_set = _shards(run, 1, "select", "flags")
+    if not (data_info.is_file() and flags_set is not None):
         return ""
     if Path(json.loads(data_info.read_text())["source"]).resolve() != demo_path("seed").resolve():
         return ""
-    import pyarrow.parquet as pq
-
     defects = json.loads(demo_path("defects").read_text())
-    flags = pq.read_table(flags_path).to_pylist()
+    flags = flags_set.read().to_pylist()
     kinds = sorted(set(defects.values()))
     axes = ("complexity", "quality", "diversity")
     present = [r for r in flags if r["sample_id"] in defects]

@@ -142,8 +142,12 @@ def run_audit(cfg, fraction: float = 0.1, seed: int = 0, out_dir: str | Path | N
         FileNotFoundError / ValueError: unreadable data (from ``io.read_dataset``).
     """
     from middo_ray.diagnose import run_diagnosis
-    from middo_ray.loop import init_ray, save_rows
-    from middo_ray.select import AXES, select_flags
+    import pyarrow as pa
+
+    from middo_ray import storage
+    from middo_ray.rundir import init_ray
+    from middo_ray.schema import AXES
+    from middo_ray.select import select_flags
 
     kinds = check_audit_args(fraction, kinds)
     if not 0 < dup_threshold <= 1:
@@ -162,7 +166,7 @@ def run_audit(cfg, fraction: float = 0.1, seed: int = 0, out_dir: str | Path | N
     init_ray(cfg)
     current = model or cfg.model.base
     t_diag = time.time()
-    diag = run_diagnosis(audit_rows, cfg, current)
+    diag = run_diagnosis(audit_rows, cfg, current, work_dir=str(out / "work"))
     t_diag = time.time() - t_diag
     if diag.sample_ids != [r["sample_id"] for r in audit_rows]:
         raise RuntimeError("diagnosis rows do not line up with the audit rows by sample_id; this is a bug")
@@ -188,7 +192,8 @@ def run_audit(cfg, fraction: float = 0.1, seed: int = 0, out_dir: str | Path | N
     text = format_report(report)
     (out / "audit.json").write_text(json.dumps(report, indent=2))
     (out / "audit.txt").write_text(text + "\n")
-    save_rows(_rows_table(audit_rows, labels, known, cols, flags), out / "rows.parquet")
+    storage.write_table(str(out / "rows.parquet"), pa.Table.from_pylist(_rows_table(audit_rows, labels, known, cols,
+                                                                                     flags)))
     log.info("audit: written to %s in %.1fs", out, time.time() - t0)
     if echo:
         print(text)

@@ -1,18 +1,20 @@
 """Running the evaluation: one actor class answers every item, Ray Data spreads the items over actors.
 
-Pipeline (:func:`evaluate_on_ray`): the driver builds the items (held-out rows for the loss, the
-``eval.mc_path`` set, and every enabled suite), sorts them by suite and prompt length, and hands them to
+Pipeline (:func:`evaluate_on_ray`): the held-out rows are read from their Parquet shards by Ray Data, the
+benchmark items (the ``eval.mc_path`` set and every enabled suite, bounded by their subset sizes, not by
+the dataset) are built by the driver and sorted by suite and prompt length; both go to
 ``map_batches(EvalWorker)`` on an actor pool (one GPU per actor where the cluster has GPUs, else a
-fractional CPU), so each actor loads the model once and sees blocks of similar-length prompts. A second
-``map_batches`` (tasks) scores the answers; for code benchmarks that runs the programs in sandboxed
-subprocesses (:mod:`middo_ray.evalsuite.code`). The driver aggregates the flat metrics dict.
+fractional CPU), so each actor loads the model once. A second ``map_batches`` (tasks) scores the answers;
+for code benchmarks that runs the programs in sandboxed subprocesses (:mod:`middo_ray.evalsuite.code`).
+The held-out loss comes from Ray Data sums over the loss records; only the benchmark records reach the
+driver, which writes them to ``predictions.jsonl`` and aggregates the flat metrics dict.
 
 Inside an actor, items of one suite are answered together:
 
 - ``loss``: a forward pass gives each held-out row's summed response NLL and token count (token-weighted
-  mean over all rows, as :func:`middo_ray.evaluate.heldout_loss`);
+  mean over all rows, as :func:`middo_ray.evalsuite.scoring.heldout_loss`);
 - ``mc``: every option is scored as the response under the training template
-  (:func:`middo_ray.evaluate.mc_choice_scores`), shots as earlier turns;
+  (:func:`middo_ray.evalsuite.scoring.mc_choice_scores`), shots as earlier turns;
 - ``gen``: greedy decoding with transformers in length-sorted batches of ``eval.gen_batch_size``, left
   padded, up to the suite's ``max_new_tokens``, stopped at the EOS or at the template's next turn.
 
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from middo_ray.encode import encode_row
-from middo_ray.evalsuite.benchmarks import BENCHMARKS, LEGACY_MC, score_item, suite_items
+from middo_ray.evalsuite.benchmarks import LEGACY_MC, score_item, suite_items
+from middo_ray.evalsuite.scoring import load_mc_items, mc_choice_scores, resolve_mc_path
 
 if TYPE_CHECKING:
     from middo_ray.config import MiddoConfig
@@ -47,14 +50,20 @@ _ROW_KEYS = ("instruction", "input", "output", "system", "history")
 # ---------------------------------------------------------------------------------------------
 # Items.
 
+def heldout_item(r: dict, i: int) -> dict:
+    """The loss item of one held-out row."""
+    row = {k: r[k] for k in _ROW_KEYS if r.get(k) is not None}
+    return {"suite": HELDOUT, "kind": "loss", "uid": f"{HELDOUT}/{r.get('sample_id', i)}", "row": row}
+
+
 def build_items(heldout_rows: list[dict], cfg: MiddoConfig) -> list[dict]:
     """Every item of one evaluation: held-out rows, the eval.mc_path set, and the enabled suites."""
-    from middo_ray.evaluate import load_mc_items, resolve_mc_path
+    return [heldout_item(r, i) for i, r in enumerate(heldout_rows)] + bench_items(cfg)
 
+
+def bench_items(cfg: MiddoConfig) -> list[dict]:
+    """The benchmark items: the eval.mc_path set and the enabled suites (bounded by their limits)."""
     items: list[dict] = []
-    for i, r in enumerate(heldout_rows):
-        row = {k: r[k] for k in _ROW_KEYS if r.get(k) is not None}
-        items.append({"suite": HELDOUT, "kind": "loss", "uid": f"{HELDOUT}/{r.get('sample_id', i)}", "row": row})
     mc_file = resolve_mc_path(cfg.eval.mc_path)
     if mc_file is not None:
         for i, it in enumerate(load_mc_items(mc_file, cfg.eval.mc_limit)):
@@ -196,8 +205,6 @@ class EvalWorker:
             rec["loss_tokens"] = int(n) if ok else 0
 
     def _mc(self, group: list[dict], legacy: bool) -> None:
-        from middo_ray.evaluate import mc_choice_scores
-
         questions = []
         for rec in group:
             row, _, k = fit_shots(rec["row"], rec.get("shots", []), self.tok, self.template, self.max_prompt)
@@ -253,17 +260,21 @@ def score_batch(batch: dict[str, np.ndarray], timeout_s: float, memory_mb: int) 
     return {"record": np.asarray([json.dumps(r) for r in records], dtype=object)}
 
 
-def aggregate(records: list[dict], cfg: MiddoConfig, seconds: float) -> dict[str, Any]:
-    """The flat metrics dict: held-out loss, mc accuracy, one score, count and seconds per suite, average."""
+def aggregate(records: list[dict], cfg: MiddoConfig, seconds: float,
+              heldout: tuple[int, float, int] | None = None) -> dict[str, Any]:
+    """The flat metrics dict: held-out loss, mc accuracy, one score, count and seconds per suite, average.
+
+    ``heldout`` (rows, summed NLL, tokens) replaces the held-out records when the sums were taken elsewhere.
+    """
     by_suite: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_suite[rec["suite"]].append(rec)
-    held = by_suite.get(HELDOUT, [])
-    tokens = sum(r["loss_tokens"] for r in held)
-    out: dict[str, Any] = {
-        "heldout_loss": (sum(r["loss_sum"] for r in held) / tokens) if tokens else None,
-        "heldout_n": len(held), "heldout_tokens": tokens,
-    }
+    if heldout is None:
+        held = by_suite.get(HELDOUT, [])
+        heldout = (len(held), sum(r["loss_sum"] for r in held), sum(r["loss_tokens"] for r in held))
+    n_held, loss_sum, tokens = heldout
+    out: dict[str, Any] = {"heldout_loss": (loss_sum / tokens) if tokens else None, "heldout_n": n_held,
+                           "heldout_tokens": tokens}
     mc = by_suite.get(LEGACY_MC, [])
     out["mc_accuracy"] = float(np.mean([r["score"] for r in mc])) if mc else None
     out["mc_n"] = len(mc)
@@ -320,30 +331,69 @@ def _pool_options(cfg: MiddoConfig) -> dict[str, Any]:
             "num_cpus": cfg.eval.cpus_per_actor}
 
 
-def evaluate_on_ray(model: str, heldout_rows: list[dict], cfg: MiddoConfig, out_dir: Path | None = None
+def _to_items(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: held-out rows (text columns) to loss items."""
+    rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["sample_id"]))]
+    return {"item": np.asarray([json.dumps(heldout_item(r, i)) for i, r in enumerate(rows)], dtype=object)}
+
+
+def _split_record(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: scored records with the columns the driver aggregates by."""
+    recs = [json.loads(s) for s in batch["record"]]
+    return {"record": batch["record"], "is_loss": np.asarray([r["kind"] == "loss" for r in recs]),
+            "loss_sum": np.asarray([float(r.get("loss_sum", 0.0)) for r in recs]),
+            "loss_tokens": np.asarray([int(r.get("loss_tokens", 0)) for r in recs], dtype=np.int64)}
+
+
+def _items_dataset(heldout, cfg: MiddoConfig):
+    """The held-out rows (read from their shards, or in memory) and the benchmark items, as one dataset."""
+    import ray
+
+    from middo_ray.schema import TEXT_COLUMNS
+    from middo_ray.storage import ShardSet
+
+    bench = sorted(bench_items(cfg), key=_length_key)
+    parts = []
+    if isinstance(heldout, ShardSet):
+        if heldout.total:
+            parts.append(ray.data.read_parquet(heldout.paths(), columns=["sample_id", *TEXT_COLUMNS])
+                         .map_batches(_to_items, batch_format="numpy", num_cpus=0.25))
+    elif heldout:
+        parts.append(ray.data.from_items([{"item": json.dumps(heldout_item(r, i))} for i, r in enumerate(heldout)]))
+    if bench:
+        parts.append(ray.data.from_items([{"item": json.dumps(it)} for it in bench]))
+    if not parts:
+        return None
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def evaluate_on_ray(model: str, heldout, cfg: MiddoConfig, out_dir: Path | None = None
                     ) -> tuple[dict[str, Any], list[dict]]:
-    """The evaluation as a Ray Data pipeline (actors answer, tasks score); metrics and per-item records.
+    """The evaluation as a Ray Data pipeline (actors answer, tasks score); metrics and the benchmark records.
+
+    Args:
+        heldout: The held-out rows as a ShardSet (read by Ray Data) or a list of rows.
 
     Writes ``predictions.jsonl`` into ``out_dir`` when given.
     """
-    import ray
-
     t0 = time.time()
-    items = build_items(heldout_rows, cfg)
+    ds = _items_dataset(heldout, cfg)
     records: list[dict] = []
-    if items:
-        items.sort(key=_length_key)
-        ds = ray.data.from_items([{"item": json.dumps(it)} for it in items])
+    sums = (0, 0.0, 0)
+    if ds is not None:
         ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=worker_kwargs(model, cfg),
                             batch_size=cfg.eval.rows_per_block, batch_format="numpy", **_pool_options(cfg))
         ds = ds.map_batches(score_batch, fn_kwargs={"timeout_s": cfg.eval.code_timeout_s,
                                                     "memory_mb": cfg.eval.code_memory_mb},
                             batch_size=8, batch_format="numpy", num_cpus=cfg.eval.code_cpus)
-        records = [json.loads(r["record"]) for r in ds.take_all()]
-        if len(records) != len(items):
-            raise RuntimeError(f"evaluation lost items: {len(items)} in, {len(records)} out; this is a bug")
-    metrics = aggregate(records, cfg, time.time() - t0)
+        done = ds.map_batches(_split_record, batch_format="numpy", num_cpus=0.25).materialize()
+        loss = done.filter(lambda r: bool(r["is_loss"]))
+        n_loss = loss.count()
+        if n_loss:
+            sums = (n_loss, float(loss.sum("loss_sum")), int(loss.sum("loss_tokens")))
+        records = [json.loads(r["record"]) for r in done.filter(lambda r: not r["is_loss"]).take_all()]
+    metrics = aggregate(records, cfg, time.time() - t0, heldout=sums)
     if out_dir is not None:
         write_predictions(records, Path(out_dir) / "predictions.jsonl")
-    log.info("eval: %d items in %.1fs", len(items), metrics["seconds"])
+    log.info("eval: %d held-out rows and %d benchmark items in %.1fs", sums[0], len(records), metrics["seconds"])
     return metrics, records

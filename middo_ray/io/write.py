@@ -140,3 +140,19 @@ def _batched_tables(rows: Iterable[dict], size: int = 4096) -> Iterable[pa.Table
             batch = []
     if batch:
         yield rows_table(batch)
+
+
+def write_shards(rows: list[dict], root: str, rows_per_shard: int = 2048):
+    """Canonical rows as a shard set under ``root`` (for tests, benchmarks and the audit; the loop's data
+    stage writes its shards from worker tasks)."""
+    from middo_ray import storage
+    from middo_ray.storage import ShardSet, shard_name
+
+    names, counts = [], []
+    for i, start in enumerate(range(0, len(rows), rows_per_shard)):
+        part = rows[start:start + rows_per_shard]
+        storage.write_table(storage.join(root, shard_name(i)), rows_table(part))
+        names.append(shard_name(i))
+        counts.append(len(part))
+    storage.makedirs(root)
+    return ShardSet(str(root), tuple(names), tuple(counts)).save()

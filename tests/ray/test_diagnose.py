@@ -49,13 +49,12 @@ def test_losses_match_transformers_and_do_not_depend_on_batching(ray_local, tiny
 
 
 def test_signals_are_complete_and_aligned_by_id(ray_local, tiny_model):
-    """Every sample gets finite signals in its own row; judge scores lie in [0, 10]; the pre-model
-    cache is reused instead of recomputed."""
+    """Every sample gets finite signals in its own row; judge scores lie in [0, 10]; the pre-model losses
+    of the previous diagnosis of a shard are reused instead of recomputed."""
     rows = _rows()
-    cache: dict = {}
-    d = run_diagnosis(rows, _cfg(), "tiny", cache)
+    d = run_diagnosis(rows, _cfg(), "tiny")
     assert d.sample_ids == [r["sample_id"] for r in rows]
-    assert set(cache) == set(d.sample_ids)
+    assert d.counts["pre_loss_computed"] == len(rows)
     for col in ("loss_pre", "loss_cur", "quality", "knn_sim", "ifd", "loss_empty", *JUDGE_COLUMNS):
         v = d.columns[col]
         assert v.shape == (len(rows),) and np.isfinite(v).all(), col
@@ -64,14 +63,14 @@ def test_signals_are_complete_and_aligned_by_id(ray_local, tiny_model):
     assert d.embeddings.shape[0] == len(rows)
     np.testing.assert_allclose(d.columns["ifd"], d.columns["loss_cur"] / d.columns["loss_empty"], rtol=1e-9)
     assert d.counts["knn"]["method"] == "exact" and d.counts["judge"]["missing_judgements"] == 0
-    again = run_diagnosis(rows[:5], _cfg(), "tiny", cache)
+    again = run_diagnosis(rows[:5], _cfg(), "tiny", previous=d.output)
     assert again.counts["pre_loss_computed"] == 0 and again.counts["pre_loss_cached"] == 5
     np.testing.assert_allclose(again.columns["loss_pre"], d.columns["loss_pre"][:5])
 
 
 def test_pre_model_differs_and_is_scored_only_for_new_rows(ray_local, tiny_model, tmp_path):
     """With a pre model different from the current one, loss_pre comes from the pre model, and only
-    rows missing from the cache are scored with it (one pass over the data)."""
+    rows the shard's previous diagnosis did not score are scored with it (one pass over the data)."""
     from middo_ray.models import load_model as _load
 
     model, tok = _load("tiny")
@@ -84,10 +83,11 @@ def test_pre_model_differs_and_is_scored_only_for_new_rows(ray_local, tiny_model
     rows = _rows()[:10]
     cfg = build_config({"model": {"base": "tiny", "pre": str(other)}, "data": {"cutoff_len": 64},
                         "diagnose": {"judge": False, "ifd": False}, "select": {"axes": ["complexity", "diversity"]}})
-    cache = {rows[0]["sample_id"]: 123.0}
-    d = run_diagnosis(rows, cfg, "tiny", cache)
-    assert d.columns["loss_pre"][0] == 123.0 and d.counts["pre_loss_computed"] == 9
-    assert np.all(np.abs(d.columns["loss_pre"][1:] - d.columns["loss_cur"][1:]) > 1e-3)
+    first = run_diagnosis(rows[:4], cfg, "tiny")
+    d = run_diagnosis(rows, cfg, "tiny", previous=first.output)
+    assert d.counts["pre_loss_computed"] == 6 and d.counts["pre_loss_cached"] == 4
+    np.testing.assert_array_equal(d.columns["loss_pre"][:4], first.columns["loss_pre"])
+    assert np.all(np.abs(d.columns["loss_pre"] - d.columns["loss_cur"]) > 1e-3)
     enc = encode_row(rows[3], tok, "default", 64)
     ids = torch.tensor([enc.input_ids])
     labels = ids.clone()

@@ -48,11 +48,10 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
     m0 = json.loads((run / "round_0" / "manifest.json").read_text())["stages"]["train"]["model_dir"]
     assert refine_counts["judge_model"] == m0
     # ... with the diagnosis' template and cutoff: an original's re-judged quality is its diagnosed quality.
-    diagnosed = {r["sample_id"]: r["quality"]
-                 for r in pq.read_table(run / "round_1" / "diagnose" / "signals.parquet").to_pylist()}
-    records = [json.loads(line) for line in (run / "round_1" / "refine" / "results.jsonl").open()]
-    pairs = [(rec["result"]["quality_before"], diagnosed[rec["job"]["sample_id"]])
-             for rec in records if rec["result"].get("quality_before") is not None]
+    diagnosed = {r["sample_id"]: r["quality"] for r in pq.read_table(run / "round_1" / "diagnose" / "signals").to_pylist()}
+    records = pq.read_table(run / "round_1" / "refine" / "results").to_pylist()
+    pairs = [(rec["quality_before"], diagnosed[rec["sample_id"]]) for rec in records
+             if rec["quality_before"] is not None]
     assert pairs and all(before == pytest.approx(diag, abs=1e-3) for before, diag in pairs)
     lineage = pq.read_table(run / "final" / "lineage.parquet").to_pylist()
     assert len(lineage) == first["sizes"][-1]
@@ -67,12 +66,11 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
 @pytest.mark.unit
 def test_resume_refuses_a_changed_config(tmp_path):
     """Resuming a run directory with a different config is an error naming the changed section."""
-    from middo_ray.loop import _check_resumable, _write_json
+    from middo_ray.rundir import Run
 
     cfg = _cfg(tmp_path, 8000)
-    (tmp_path / "t").mkdir()
-    _write_json(tmp_path / "t" / "config.json", cfg.model_dump())
-    _check_resumable(tmp_path / "t", cfg)
+    Run(cfg).open()
+    Run(cfg).open()
     cfg.select.quality_m = 2.0
     with pytest.raises(ValueError, match="sections: select"):
-        _check_resumable(tmp_path / "t", cfg)
+        Run(cfg).open()

@@ -188,7 +188,7 @@ def test_run_refine_engine_without_prefill_asks_without_marker():
 def test_build_app_refuses_public_host_without_key(monkeypatch):
     """Beyond loopback the app will not start without an API key, and the error names the variable to set;
     with the key in that variable it builds."""
-    from middo_ray.refine import start_refiner
+    from middo_ray.serve_apps import start_refiner
     from serve.app import build_app
 
     monkeypatch.delenv("MIDDO_TEST_UNSET_KEY", raising=False)
@@ -298,7 +298,7 @@ def test_accept_rewrite_rules():
 def test_llm_call_cache_keys_and_files(tmp_path):
     """Keys change with the request content, the seed, the model revision and the prompt fingerprint; answers
     round-trip through one JSON file per key; an unreadable file is a miss."""
-    from middo_ray.refine import LLMCallCache, call_key
+    from middo_ray.llmcalls import LLMCallCache, call_key
 
     ident = {"engine": "transformers", "model": "tiny", "revision": "r1", "logic_version": "v1", "prefill": True}
     req = {"operation": "simplify", "samples": [{"instruction": "x"}], "sampling": {"seed": 1, "temperature": 1.0}}
@@ -325,7 +325,7 @@ def test_llm_call_cache_keys_and_files(tmp_path):
 @pytest.fixture(scope="module")
 def refiner(ray_local):
     """The tiny-model refiner, deployed once for the module on a free port with an API key; Serve shut down after."""
-    from middo_ray.refine import refiner_url, start_refiner, stop_refiner
+    from middo_ray.serve_apps import app_url as refiner_url, start_refiner, stop_apps as stop_refiner
 
     cfg = build_config({"model": {"base": "tiny"}, "refine": {
         "http_port": _free_port(), "batch_size": 3, "max_concurrency": 2, "max_new_tokens": 16,
@@ -591,16 +591,17 @@ def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_che
     quality_before is the judge model's score of the original); releasing it leaves the teacher running."""
     from ray import serve as ray_serve
 
-    from middo_ray.loop import Refiner
-    from middo_ray.refine import judge_app_name, refine_jobs
+    from middo_ray.serve_apps import ServeApps
+    from middo_ray.refine import refine_jobs
+    from middo_ray.serve_apps import judge_app_name
     from middo_ray.wire import JudgeRequest
     from serve.engines import model_fingerprint
     from serve.engines.transformers import TransformersEngine
     from serve.logic import run_judge
 
     cfg, teacher, _ = refiner
-    services = Refiner(cfg)
-    services.handle = teacher            # the module's app is the teacher; only the judge is deployed here
+    services = ServeApps(cfg)
+    services.teacher_up = True           # the module's app is the teacher; only the judge is deployed here
     rows = [{"sample_id": "q1", "instruction": "Name a primary colour.", "output": "Red."},
             {"sample_id": "q2", "instruction": "Add 12 and 30.", "input": "Show the sum.", "output": "42"}]
     request = JudgeRequest.model_validate({"samples": rows, "mode": "prob"})
@@ -608,7 +609,7 @@ def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_che
     try:
         handles = []
         for model in round_checkpoints:
-            handle = services.judge(model)
+            handle = services.handle(services.judge(model))
             handles.append(handle)
             info = handle.info.remote().result(timeout_s=120)
             assert info["model"] == model and info["revision"] == model_fingerprint(model)
@@ -616,11 +617,12 @@ def test_judge_app_serves_the_round_checkpoint_and_follows_it(refiner, round_che
             direct = _qualities(run_judge(TransformersEngine(model), request).model_dump())
             assert served == pytest.approx(direct, abs=1e-4)
             assert max(abs(a - b) for a, b in zip(served, teacher_q)) > 1e-3
-        assert services.judge(round_checkpoints[1]) is handles[1]      # same model: no redeploy
+        services.judge(round_checkpoints[1])
+        assert services.judge_deploys == list(round_checkpoints)       # same model again: no redeploy
 
         jobs = _jobs(9, "jc")
         accept_all = cfg.refine.model_copy(update={"accept": "min_score", "accept_min_score": 0.0, "max_retries": 2})
-        out = refine_jobs(jobs, teacher, accept_all, seed=3, judge=lambda: services.judge(round_checkpoints[1]))
+        out = refine_jobs(jobs, teacher, accept_all, seed=3, judge=lambda: services.handle(services.judge(round_checkpoints[1])))
         ok = [i for i, r in enumerate(out.results) if r["status"] == "ok"]
         assert ok, "the tiny teacher produced no valid rewrite to judge; pick another seed"
         assert out.counts["judge_model"] == round_checkpoints[1] and out.counts["judged"] == len(ok)
@@ -646,7 +648,7 @@ def test_smollm2_simplify_over_http(refiner):
     'ok' item really changed the prompt. SmolLM2 is weak, so success itself is not asserted."""
     from ray import serve as ray_serve
 
-    from middo_ray.refine import refiner_url, start_refiner
+    from middo_ray.serve_apps import app_url as refiner_url, start_refiner
 
     tiny_cfg, _, _ = refiner
     # Serve's HTTP proxy is already up on the tiny app's port; a second app gets its own prefix.

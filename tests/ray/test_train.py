@@ -9,16 +9,9 @@ import pytest
 
 from middo_ray.config import ConfigError, build_config
 from middo_ray.encode import encode_row
-from middo_ray.train import (
-    IGNORE_INDEX,
-    collate,
-    plan_batches,
-    plan_fingerprint,
-    resolve_precision,
-    row_key,
-    storage_root,
-    window_token_counts,
-)
+from middo_ray.train import storage_root
+from middo_ray.train.plan import (IGNORE_INDEX, collate, plan_batches, plan_fingerprint, resolve_precision, row_key,
+                                  window_token_counts)
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from middo_ray.config import build_config
-from middo_ray.evaluate import (encode_choice, evaluate_model, heldout_loss, load_mc_items, mc_accuracy,
-                                mc_choice_scores, resolve_mc_path)
+from middo_ray.evalsuite.scoring import (encode_choice, heldout_loss, load_mc_items, mc_accuracy, mc_choice_scores,
+                                         resolve_mc_path)
+from middo_ray.evaluate import evaluate_model
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from middo_ray.io import read_dataset
-from middo_ray.loop import LLAMAFACTORY_NAME, write_exports
+from middo_ray.final import LLAMAFACTORY_NAME, write_exports
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,8 @@ import pytest
 
 from middo_ray.config import ConvergeConfig
 from middo_ray.converge import best_round, should_stop
-from middo_ray.merge import build_jobs, merge_round
+from middo_ray.merge import _duplicates_task, merge_shard
+from middo_ray.refine import build_jobs
 from middo_ray.schema import make_row
 
 pytestmark = pytest.mark.unit
@@ -15,9 +16,9 @@ def _rows(n):
     return [make_row(f"question {i}", f"answer {i}") for i in range(n)]
 
 
-def _cols(n):
-    return {"loss_pre": np.arange(n, dtype=float), "loss_cur": np.arange(n, dtype=float),
-            "knn_sim": np.ones(n), "quality": np.full(n, 5.0), "q_prompt_clarity": np.full(n, 5.0)}
+def _signals(rows):
+    return {r["sample_id"]: {"loss_pre": float(i), "loss_cur": float(i), "knn_sim": 1.0, "quality": 5.0,
+                             "q_prompt_clarity": 5.0} for i, r in enumerate(rows)}
 
 
 def test_jobs_and_merge_follow_the_reference_semantics():
@@ -26,8 +27,8 @@ def test_jobs_and_merge_follow_the_reference_semantics():
     rows = _rows(5)
     flags = {"complexity": np.array([1, 0, 0, 0, 1], bool), "quality": np.array([0, 1, 0, 0, 1], bool),
              "diversity": np.array([0, 0, 1, 0, 0], bool)}
-    nbr = np.array([[1, 2]] * 5)
-    jobs = build_jobs(rows, flags, nbr)
+    hints = {rows[2]["sample_id"]: ["question 1", "question 2"]}
+    jobs = build_jobs(rows, flags, hints)
     assert [j["operation"] for j in jobs] == ["simplify", "improve", "synthesize", "simplify", "improve"]
     assert jobs[2]["hints"] == ["question 1", "question 2"]
     results = [
@@ -37,7 +38,7 @@ def test_jobs_and_merge_follow_the_reference_semantics():
         {"status": "ok", "instruction": "easy 4", "input": "", "output": "a4"},
         {"status": "ok", "instruction": "better 4", "input": "", "output": "b4"},
     ]
-    out, events, counts = merge_round(rows, jobs, results, 1, _cols(5), {"complexity": {"loss_pre": 1.0}})
+    out, events, counts = merge_shard(rows, jobs, results, 1, _signals(rows), {"complexity": {"loss_pre": 1.0}}, set())
     texts = [r["instruction"] for r in out]
     assert texts == ["easy 0", "question 1", "question 2", "new 2", "question 3", "easy 4", "better 4"]
     assert counts["replaced"] == 2 and counts["added"] == 1 and counts["kept_after_failure"] == 1
@@ -48,19 +49,41 @@ def test_jobs_and_merge_follow_the_reference_semantics():
     assert len({r["sample_id"] for r in out}) == len(out)
 
 
-def test_merge_drops_duplicate_children():
-    """A rewrite identical to an existing sample is dropped, so ids stay unique."""
-    rows = _rows(2)
-    flags = {"complexity": np.zeros(2, bool), "quality": np.zeros(2, bool), "diversity": np.array([1, 0], bool)}
-    jobs = build_jobs(rows, flags, np.array([[1, 1], [0, 0]]))
-    out, events, counts = merge_round(rows, jobs, [{"status": "ok", "instruction": "question 1",
-                                                     "input": "", "output": "answer 1"}], 1, _cols(2), {})
+def test_merge_drops_duplicate_children(tmp_path):
+    """A rewrite identical to an existing sample (of any shard), or to an earlier rewrite, is found by the
+    duplicate check and dropped by the merge, so ids stay unique."""
+    import pyarrow.parquet as pq
+
+    from middo_ray.io.write import write_shards
+    from middo_ray.refine import _result_table
+
+    rows = _rows(3)
+    data = write_shards(rows, str(tmp_path / "d"), rows_per_shard=2)            # shards of 2 and 1 rows
+    flags = {"complexity": np.zeros(3, bool), "quality": np.zeros(3, bool), "diversity": np.array([1, 0, 1], bool)}
+    jobs = build_jobs(rows, flags, {})
+    same = {"status": "ok", "instruction": "question 1", "input": "", "output": "answer 1"}   # = row 1
+    fresh = {"status": "ok", "instruction": "new", "input": "", "output": "x"}
+    tables = [_result_table(jobs[:1], [same]), _result_table(jobs[1:], [fresh])]
+    paths = []
+    for i, t in enumerate(tables):
+        paths.append(str(tmp_path / f"r{i}.parquet"))
+        pq.write_table(t, paths[-1])
+    assert _duplicates_task(data.paths(), paths, str(tmp_path / "dups.parquet")) == 1
+    dropped = pq.read_table(tmp_path / "dups.parquet").to_pylist()
+    assert dropped == [{"shard": 0, "position": 0}]
+    out, events, counts = merge_shard(rows[:2], jobs[:1], [same], 1, _signals(rows), {}, {0})
     assert len(out) == 2 and counts["duplicates_dropped"] == 1 and events[0]["status"] == "duplicate"
+    # The same new sample twice: the second is the duplicate.
+    tables = [_result_table(jobs[:1], [fresh]), _result_table(jobs[1:], [fresh])]
+    for path, t in zip(paths, tables):
+        pq.write_table(t, path)
+    assert _duplicates_task(data.paths(), paths, str(tmp_path / "dups.parquet")) == 1
+    assert pq.read_table(tmp_path / "dups.parquet").to_pylist() == [{"shard": 1, "position": 0}]
 
 
 def test_merge_rejects_misaligned_results():
     with pytest.raises(ValueError, match="refine results"):
-        merge_round(_rows(1), [{"index": 0, "operation": "simplify", "sample_id": "x"}], [], 1, _cols(1), {})
+        merge_shard(_rows(1), [{"operation": "simplify", "sample_id": "x"}], [], 1, {}, {}, set())
 
 
 def test_stop_rules():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from middo_ray.config import SelectConfig
-from middo_ray.select import select_flags, severity, worst_first
+from middo_ray.select import _table, local_moments, select_flags, severity, worst_first
 
 pytestmark = pytest.mark.unit
 
@@ -40,7 +40,7 @@ def test_budget_mode_flags_at_most_the_budget_worst_first():
     cols = _cols(200, seed=1)
     cfg = SelectConfig(mode="budget", budget_fraction=0.05)
     flags, thr, counts = select_flags(cols, cfg)
-    sev = severity(cols)
+    sev = severity(_table(cols), local_moments(cols))
     for axis in ("complexity", "diversity", "quality"):
         assert flags[axis].sum() == 10, axis
         # every flagged sample is at least as bad as every unflagged one

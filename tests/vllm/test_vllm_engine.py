@@ -51,7 +51,7 @@ def ray_vllm():
 def vllm_app(ray_vllm):
     """The refiner app on engine 'vllm' (started as the loop starts it), with an API key."""
     from middo_ray.config import build_config
-    from middo_ray.refine import refiner_url, start_refiner, stop_refiner
+    from middo_ray.serve_apps import app_url as refiner_url, start_refiner, stop_apps as stop_refiner
 
     cfg = build_config({"model": {"base": MODEL, "dtype": "float32"}, "refine": {
         "engine": "vllm", "http_port": _free_port(), "batch_size": 3, "max_concurrency": 2, "max_new_tokens": 16,
@@ -165,9 +165,10 @@ def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, judge_engine, tm
     makes no call at all."""
     from ray import serve as ray_serve
 
-    from middo_ray.loop import Refiner
+    from middo_ray.serve_apps import ServeApps
     from middo_ray.models import resolve_model
-    from middo_ray.refine import judge_app_name, refine_jobs
+    from middo_ray.refine import refine_jobs
+    from middo_ray.serve_apps import judge_app_name
     from middo_ray.wire import JudgeRequest
     from serve.engines.transformers import TransformersEngine
     from serve.logic import run_judge
@@ -175,24 +176,25 @@ def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, judge_engine, tm
     cfg, handle, _ = vllm_app
     cfg = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"judge_engine": judge_engine})})
     judge_model = resolve_model(MODEL)          # stands in for the round's checkpoint
-    services = Refiner(cfg)
-    services.handle = handle
+    services = ServeApps(cfg)
+    services.teacher_up = True
     jobs = [{"sample_id": f"r{i}", "operation": op, "instruction": PROMPTS[i], "input": "", "output": "old",
              "hints": ["Describe rain.", "Describe snow."] if op == "synthesize" else []}
             for i, op in enumerate(["simplify", "improve", "synthesize"])]
     rule = cfg.refine.model_copy(update={"accept": "min_score", "accept_min_score": 0.0})
     try:
-        out = refine_jobs(jobs, handle, rule, seed=5, cache_dir=tmp_path / "llm", judge=lambda: services.judge(judge_model))
+        out = refine_jobs(jobs, handle, rule, seed=5, cache_dir=tmp_path / "llm", judge=lambda: services.handle(services.judge(judge_model)))
         assert [r["sample_id"] for r in out.results] == ["r0", "r1", "r2"]
         assert out.counts["judged"] >= 1 and out.counts["judge_model"] == judge_model
-        assert services.judge_handle.info.remote().result(timeout_s=60)["engine"] == judge_engine
+        judge_handle = services.handle(services.judge(judge_model))
+        assert judge_handle.info.remote().result(timeout_s=60)["engine"] == judge_engine
         ok = [i for i, r in enumerate(out.results) if r["status"] == "ok"]
         originals = JudgeRequest.model_validate({"mode": "prob", "samples": [
             {k: jobs[i][k] for k in ("sample_id", "instruction", "input", "output")} for i in ok]})
         want = [r.quality for r in run_judge(TransformersEngine(MODEL, dtype="float32"), originals).results]
         assert [out.results[i]["quality_before"] for i in ok] == pytest.approx(want, abs=1e-3)
         again = refine_jobs(jobs, handle, rule, seed=5, cache_dir=tmp_path / "llm",
-                            judge=lambda: services.judge(judge_model))
+                            judge=lambda: services.handle(services.judge(judge_model)))
         assert again.results == out.results and again.counts["cache_misses"] == 0
     finally:
         services.release_judge()

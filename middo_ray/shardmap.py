@@ -1,0 +1,208 @@
+"""Shard-by-shard stage work on Ray Data: each unit of work reads its inputs and commits its own outputs.
+
+A stage describes its work as *units*, one per shard (or per group of rows it can redo on its own). A unit
+is a small JSON-able dict: the paths it reads, the path it commits (``"commit"``), and its row count. The
+runner hands the units that are not committed yet to a Ray Data ``map_batches`` over a pool of workers
+(actors holding the heavy state, such as a model, or plain tasks), one unit per call. The worker reads the
+unit's shards itself, does the work, writes its outputs with :func:`middo_ray.storage.write_table` (atomic)
+and returns a summary (counts, partial sums), which it also commits in its output's Parquet metadata.
+
+So the driver sends paths and receives one small dict per unit: no row passes through it. A stage killed
+part-way resumes with only its uncommitted units, and a unit lost with its node is retried by Ray Data on
+another worker (actor pools restart lost actors and retry their tasks); a unit is committed once, whole.
+
+Why not ``read_parquet(...).map_batches(...).write_parquet(...)`` end to end: Ray Data forms blocks and
+output files by its own sizing, so rows of one input shard can land in several output files, and a
+killed run cannot tell which input shards are finished. Keeping the shard as the unit of commit gives
+exact resume, stable file names and the same output for the same input whatever the cluster's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from middo_ray import storage
+
+log = logging.getLogger("middo")
+
+PROGRESS_EVERY_S = 30.0
+
+
+class _ActorRunner:
+    """Ray Data actor: builds the worker once, then runs one unit per call."""
+
+    def __init__(self, worker_cls: type, worker_kwargs: dict):
+        self.worker = worker_cls(**worker_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _run_batch(self.worker, batch)
+
+
+def _task_runner(batch: dict[str, np.ndarray], worker_cls: type, worker_kwargs: dict) -> dict[str, np.ndarray]:
+    """Ray Data task: a light worker built per call."""
+    return _run_batch(worker_cls(**worker_kwargs), batch)
+
+
+def _run_batch(worker, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    out = []
+    for raw in batch["unit"]:
+        unit = json.loads(raw)
+        t0 = time.time()
+        summary = dict(worker.process(unit) or {})
+        summary.setdefault("unit", unit["id"])
+        summary["node"] = node
+        summary["seconds"] = round(time.time() - t0, 3)
+        out.append(json.dumps(summary, default=storage.json_default))
+    return {"summary": np.asarray(out, dtype=object)}
+
+
+def nodes_of(*summary_lists: list[dict]) -> list[str]:
+    """The ids of the nodes that did the units of these summaries (for the stage record)."""
+    return sorted({s["node"] for summaries in summary_lists for s in summaries if s.get("node")})
+
+
+def committed_summary(unit: dict) -> dict | None:
+    """The summary of a committed unit (read from its commit file), or None when it is not committed."""
+    commit = unit["commit"]
+    if not storage.exists(commit):
+        return None
+    if commit.endswith(".parquet"):
+        summary = storage.table_summary(commit)
+        return summary if summary is not None else {"unit": unit["id"]}
+    return storage.read_json(commit)
+
+
+def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None = None, *, what: str,
+               actors: dict | None = None, task_cpus: float = 0.25,
+               on_summary: Callable[[dict], None] | None = None) -> list[dict]:
+    """Runs ``worker_cls(**worker_kwargs).process(unit)`` for every unit not committed yet.
+
+    Args:
+        units: Dicts with ``id`` (unique), ``commit`` (the path whose existence marks the unit done) and
+            ``rows`` (for progress), plus whatever the worker reads.
+        worker_cls: A class with ``process(unit) -> summary``; importable by module path on every node.
+        worker_kwargs: Its constructor arguments (plain values).
+        what: Name for progress lines ("diagnose", ...).
+        actors: Ray Data actor-pool options (``concurrency``, ``num_cpus``, ``num_gpus``, ...) for workers
+            with heavy state; None runs each unit as a light task of ``task_cpus`` CPUs.
+        on_summary: Called with each new summary as it arrives.
+
+    Returns:
+        One summary per unit, in the order of ``units`` (committed ones read back from their commits).
+    """
+    import ray
+
+    worker_kwargs = worker_kwargs or {}
+    summaries: dict[str, dict] = {}
+    pending = []
+    for unit in units:
+        done = committed_summary(unit)
+        if done is None:
+            pending.append(unit)
+        else:
+            summaries[unit["id"]] = done
+    if summaries:
+        log.info("%s: %d of %d shards already committed (resumed)", what, len(summaries), len(units))
+    if pending:
+        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
+        if actors is not None:
+            actors = dict(actors)
+            if isinstance(actors.get("concurrency"), int):   # no actor (and model load) without a unit
+                actors["concurrency"] = max(1, min(actors["concurrency"], len(pending)))
+            ds = ds.map_batches(_ActorRunner, fn_constructor_kwargs={"worker_cls": worker_cls,
+                                                                    "worker_kwargs": worker_kwargs},
+                                batch_size=1, batch_format="numpy", **actors)
+        else:
+            ds = ds.map_batches(_task_runner, fn_kwargs={"worker_cls": worker_cls, "worker_kwargs": worker_kwargs},
+                                batch_size=1, batch_format="numpy", num_cpus=task_cpus)
+        progress = _Progress(what, pending)
+        for row in ds.iter_rows():
+            summary = json.loads(row["summary"])
+            summaries[summary["unit"]] = summary
+            progress.update(summary)
+            if on_summary is not None:
+                on_summary(summary)
+        progress.finish()
+    missing = [u["id"] for u in units if u["id"] not in summaries]
+    if missing:
+        raise RuntimeError(f"{what}: {len(missing)} shards came back without a result (e.g. {missing[:3]}); "
+                           "this is a bug")
+    return [summaries[u["id"]] for u in units]
+
+
+class _Progress:
+    """A line every PROGRESS_EVERY_S seconds: shards and rows done, rate, time left."""
+
+    def __init__(self, what: str, pending: list[dict]):
+        self.what, self.t0, self.last = what, time.time(), time.time()
+        self.units, self.rows = len(pending), sum(int(u.get("rows", 0)) for u in pending)
+        self.done_units = self.done_rows = 0
+
+    def update(self, summary: dict) -> None:
+        self.done_units += 1
+        self.done_rows += int(summary.get("rows", 0))
+        now = time.time()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            rate = self.done_rows / max(now - self.t0, 1e-9)
+            left = (self.rows - self.done_rows) / rate if rate > 0 else float("nan")
+            log.info("%s: %d/%d shards, %d/%d rows, %.0f rows/s, about %.0fs left", self.what, self.done_units,
+                     self.units, self.done_rows, self.rows, rate, left)
+
+    def finish(self) -> None:
+        secs = time.time() - self.t0
+        log.info("%s: %d shards, %d rows in %.1fs", self.what, self.done_units, self.done_rows, secs)
+
+
+def node_pool(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float = 1.0) -> dict[str, Any]:
+    """The one pool-sizing rule for actors that hold a model.
+
+    GPUs in the cluster: one actor per GPU (``gpus_per_actor`` each). CPU only: one actor per alive node,
+    spread over the nodes, each computing with all of its node's cores (``models.threads_for_actor``)
+    while reserving only ``cpus_per_actor`` logical CPUs: a whole-CPU actor pool beside Ray Data's own
+    tasks stalls on 2-CPU machines. ``num_actors`` overrides the count.
+    """
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus > 0:
+        return {"concurrency": num_actors or max(1, int(gpus / max(gpus_per_actor, 1e-9))),
+                "num_gpus": gpus_per_actor}
+    nodes = [nd for nd in ray.nodes() if nd.get("Alive") and nd.get("Resources", {}).get("CPU", 0) > 0]
+    n = num_actors or max(1, len(nodes))
+    opts: dict[str, Any] = {"concurrency": n, "num_cpus": cpus_per_actor}
+    if n > 1:
+        opts["scheduling_strategy"] = "SPREAD"
+    return opts
+
+
+def run_task(fn: Callable, *args: Any, what: str, num_cpus: float = 0.25, memory: int | None = None,
+             **kwargs: Any) -> Any:
+    """Runs ``fn(*args, **kwargs)`` as one Ray task on a worker and returns its result.
+
+    For the steps of a stage that must see every shard at once but only a column or two of each (the
+    duplicate check, the held-out cut, the kNN index): they stream the shards themselves in a worker, so
+    the driver still holds nothing per row. ``memory`` (bytes) is reserved when given, so the task lands on
+    a node that has it. An exception of ``fn`` is raised here as itself (not wrapped in Ray's own error).
+    """
+    import ray
+
+    opts: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": 3}
+    if memory:
+        opts["memory"] = int(memory)
+    remote = ray.remote(**opts)(fn)
+    try:
+        return ray.get(remote.remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else None
+        if cause is not None:
+            raise cause from None
+        raise RuntimeError(f"{what} failed on a worker: {exc}") from exc
