@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-vllm model demo test test-vllm test-fast clean
+.PHONY: setup setup-vllm model demo test test-cluster test-vllm test-fast clean
 
 # torch first, pinned: its CPU wheel; a bare or ranged torch pulls GBs of CUDA packages.
 $(BIN)/.installed: pyproject.toml
@@ -43,9 +43,12 @@ model: setup
 demo: model
 	$(BIN)/middo run --config jobs/demo.yaml
 
-# The vLLM tier skips itself where vLLM is missing; here it must not, so a broken install fails loudly.
+# Three pytest processes: the main suite on local Ray, the multi-node tier on a simulated cluster (a process
+# joins one Ray cluster), and the vLLM tier, which skips itself where vLLM is missing; here it must not, so a
+# broken install fails loudly.
 test: setup setup-vllm
-	$(BIN)/python -m pytest -q -m "not vllm" tests
+	$(BIN)/python -m pytest -q -m "not vllm and not cluster" tests --ignore=tests/cluster
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
 	$(VBIN)/python -c "import vllm"
 	$(VBIN)/python -m pytest -q -m vllm tests/vllm
 
@@ -53,8 +56,11 @@ test-vllm: setup-vllm
 	$(VBIN)/python -c "import vllm"
 	$(VBIN)/python -m pytest -q -m vllm tests/vllm
 
+test-cluster: setup
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
+
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "unit" tests
+	$(BIN)/python -m pytest -q -m "unit" tests --ignore=tests/cluster
 
 clean:
 	rm -rf runs .pytest_cache

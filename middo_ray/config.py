@@ -143,6 +143,9 @@ class RefineConfig(ServeSettings, _Section):
     app_name: str = Field("middo-refiner", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="HTTP route prefix of the Serve app.")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port.")
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode", description="Where Serve runs its HTTP proxies: on every node (Serve's default), on the head "
+                                 "only (several nodes on one machine, where proxies would share a port), or none.")
 
     @model_validator(mode="after")
     def _refine_checks(self) -> "RefineConfig":

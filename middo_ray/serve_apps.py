@@ -110,11 +110,14 @@ def deploy(cfg: MiddoConfig, name: str, args: dict[str, Any], route_prefix: str,
 
     r = cfg.refine
     app = _load_builder()(args)
-    ray_serve.start(http_options={"host": r.http_host, "port": r.http_port})
+    ray_serve.start(proxy_location=r.proxy_location, http_options={"host": r.http_host, "port": r.http_port})
     # serve.run returns once every replica's constructor (model load) has finished.
     handle = ray_serve.run(app, name=name, route_prefix=route_prefix)
-    url = app_url(cfg, route_prefix)
-    info = _wait_healthy(url, health_timeout_s)
+    if r.proxy_location == "Disabled":        # no HTTP: the handle answers for the app
+        url, info = "its handle (no HTTP proxy)", handle.info.remote().result(timeout_s=health_timeout_s)
+    else:
+        url = app_url(cfg, route_prefix)
+        info = _wait_healthy(url, health_timeout_s)
     log.info("serve: '%s' healthy at %s (model %s)", name, url, info.get("model"))
     return handle
 

@@ -20,43 +20,15 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 sys.path.insert(0, str(GOLDEN))
 
 from cases import ALPACA, case_tree  # noqa: E402
+from compare import assert_same_as_golden, assert_signals_match  # noqa: E402
 from extract import extract  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
-
-TOL = 1e-6
-
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def assert_signals_match(got: dict, want: dict, what: str) -> None:
-    """Every sample's signals equal the pinned ones within TOL (a missing value stays missing)."""
-    assert set(got) == set(want), f"{what}: the diagnosed samples differ"
-    worst = 0.0
-    for sid, sig in want.items():
-        for key, value in sig.items():
-            other = got[sid][key]
-            if value is None or isinstance(value, bool):
-                assert other == value, (what, sid, key, other, value)
-            else:
-                assert other is not None, (what, sid, key)
-                worst = max(worst, abs(other - value))
-    assert worst <= TOL, f"{what}: signals differ by up to {worst:.2e} (tolerance {TOL:g})"
-
-
-def assert_same_as_golden(got: dict, want: dict) -> None:
-    assert got["data"] == want["data"], "the data split differs"
-    assert got["sizes"] == want["sizes"]
-    for k, (g, w) in enumerate(zip(got["rounds"], want["rounds"]), start=1):
-        assert_signals_match(g["signals"], w["signals"], f"round {k}")
-        assert g["flags"] == w["flags"], f"round {k}: flags differ"
-        assert g["refine"] == w["refine"], f"round {k}: refine results differ"
-        assert g["dataset"] == w["dataset"] and g["size"] == w["size"], f"round {k}: merged dataset differs"
-    assert got["final_sha256"] == want["final_sha256"], "the final optimized file differs"
 
 
 @pytest.mark.skipif(not ALPACA.is_file(), reason=f"{ALPACA} not found (the public data lives beside the project)")
