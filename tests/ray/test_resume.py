@@ -1,0 +1,111 @@
+"""A stage killed part-way resumes from its committed shards: real driver processes, SIGKILLed mid-stage.
+
+The driver (tests/ray/resume_job.py) runs on a local Ray of its own; killing it takes its Ray down with
+it. The second run of the same command must leave the shards the first one committed untouched, redo
+only the others, and, for refine, send no request whose answer the first run had cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
+
+JOB = Path(__file__).resolve().parent / "resume_job.py"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(run_dir: Path, upto: str, port: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), upto, str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, shard_dir: Path, n: int, timeout: float = 600) -> list[Path]:
+    """SIGKILLs the driver's process group once ``n`` shards are committed in ``shard_dir``; returns them."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = sorted(shard_dir.glob("part-*.parquet"))
+        if len(done) >= n:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            return done
+        time.sleep(0.1)
+    out = proc.stdout.read() if proc.stdout else ""
+    raise AssertionError(f"the driver ended (rc {proc.returncode}) before {n} shards were committed:\n{out[-3000:]}")
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _stamps(paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def _ids(paths) -> list[str]:
+    return [s for p in paths for s in pq.read_table(p, columns=["sample_id"]).column(0).to_pylist()]
+
+
+def test_diagnosis_killed_part_way_redoes_only_its_unfinished_shards(tmp_path):
+    """Diagnosis SIGKILLed after 3 of its 15 shards: the rerun keeps the committed files as they were (same
+    inode and mtime), scores only the others and leaves every row exactly once, in dataset order."""
+    import re
+
+    port = _free_port()
+    signals = tmp_path / "r" / "round_1" / "diagnose" / "signals"
+    committed = _kill_when(_start(tmp_path, "diagnose", port), signals, 3)
+    before = _stamps(committed)
+    assert not (signals.parent / "_SUCCESS").exists()
+    out = _finish(_start(tmp_path, "diagnose", port))
+    found = re.search(r"diagnose: (\d+) of (\d+) shards already committed \(resumed\)", out)
+    assert found and int(found.group(1)) >= len(committed) and int(found.group(1)) < int(found.group(2)), out[-3000:]
+    assert _stamps(committed) == before
+    train = tmp_path / "r" / "round_0" / "data" / "train"
+    assert _ids(sorted(signals.glob("part-*.parquet"))) == _ids(sorted(train.glob("part-*.parquet")))
+
+
+def _cache_calls(cache: Path, method: str) -> set[str]:
+    return {p.stem for p in cache.rglob("*.json") if json.loads(p.read_text())["about"].get("method") == method}
+
+
+def test_refine_killed_part_way_resumes_and_repeats_no_answered_call(tmp_path):
+    """Refine SIGKILLed after 2 shards' rewrites: the rerun keeps those shards' files, and every request the
+    first run got an answer to comes from the LLM-call cache: the rerun calls the teacher only for
+    requests it had not answered (its calls equal the new cache entries), and the stage completes."""
+    port = _free_port()
+    rewrites = tmp_path / "r" / "round_1" / "refine" / "rewrites"
+    cache = tmp_path / "r" / "cache" / "llm"
+    committed = _kill_when(_start(tmp_path, "refine", port), rewrites, 2)
+    before = _stamps(committed)
+    answered = _cache_calls(cache, "refine")
+    out = _finish(_start(tmp_path, "refine", port))
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert _stamps(committed) == before
+    redone = [p for p in sorted(rewrites.glob("part-*.parquet")) if p not in before]
+    assert redone, "every shard was committed before the kill; kill earlier"
+    summaries = [json.loads(pq.ParquetFile(p).schema_arrow.metadata[b"middo"]) for p in redone]
+    calls_now = sum(s["cache_misses"] for s in summaries)
+    assert calls_now == len(_cache_calls(cache, "refine") - answered)
+    assert sum(s["cache_hits"] for s in summaries) >= len(answered) - sum(
+        json.loads(pq.ParquetFile(p).schema_arrow.metadata[b"middo"])["cache_misses"] for p in committed)
+    assert counts["jobs"] > 0 and counts["requests"] >= calls_now
+    assert (tmp_path / "r" / "round_1" / "refine" / "_SUCCESS").is_file()
