@@ -59,9 +59,13 @@ class DiagnoseConfig(_Section):
     num_actors: int | None = Field(None, ge=1, description="Diagnosis actors per model; default: one per GPU, or 1 on CPU.")
     cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs reserved per actor (fractional avoids the 2-CPU deadlock).")
     knn_k: int = Field(2, ge=1, description="Neighbours for the diversity score (the reference's top_k=2).")
-    knn_method: Literal["auto", "exact", "faiss"] = Field(
-        "auto", description="kNN search: 'exact' (blocked, no N x N matrix), 'faiss' (approximate IVF index), "
-                            "'auto' = exact up to knn_exact_max_n samples, FAISS above.")
+    knn_method: Literal["auto", "exact", "faiss", "sharded"] = Field(
+        "auto", description="kNN search: 'exact' (blocked, no N x N matrix, in one task), 'faiss' (approximate IVF "
+                            "index, in one task), 'sharded' (exact, spread over tasks that each hold a group of "
+                            "shards), 'auto' = exact up to knn_exact_max_n samples, FAISS above, sharded when one "
+                            "task would not fit in knn_task_memory_gb (docs/knn.md).")
+    knn_task_memory_gb: float | None = Field(
+        None, gt=0, description="Memory one kNN task may take (GiB); default: 80% of the largest node's memory.")
     knn_exact_max_n: int = Field(50_000, ge=1, description="Largest N searched exactly when knn_method='auto'.")
     judge: bool = Field(True, description="Compute the self-judge quality scores (6 judgements per sample).")
     judge_mode: Literal["prob", "generate"] = Field(

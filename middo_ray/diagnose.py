@@ -29,8 +29,8 @@ embedding shards. Pre-model losses never change for a sample, and a sample that 
 its shard (merge writes shard i of D_k from shard i of D_{k-1}), so the actor reads ``loss_pre`` from its
 shard's signals of the previous round and scores only new samples with the pre model, which it loads
 only when a shard has one. The kNN step then runs as one task over the embedding shards (exact blocked
-search or a FAISS index, ``signals.knn``; memory model in docs/knn.md) and writes neighbour shards
-aligned with the signal shards.
+search, a FAISS index, or the exact search sharded over many tasks: :mod:`middo_ray.neighbors`; memory
+model in docs/knn.md) and writes neighbour shards aligned with the signal shards.
 """
 
 from __future__ import annotations
@@ -42,15 +42,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from middo_ray import storage
+from middo_ray import neighbors, storage
 from middo_ray.config import DiagnoseConfig
 from middo_ray.encode import empty_prompt_variant, encode_row
 from middo_ray.judge import JUDGE_COLUMNS, judge_generate, judge_scores
 from middo_ray.rundir import StageContext, StageResult, read_record
 from middo_ray.schema import JUDGE_DIMENSIONS, TEXT_COLUMNS
 from middo_ray.scoring import forward_scores
-from middo_ray.shardmap import map_shards, node_pool, nodes_of, run_task
-from middo_ray.signals.knn import knn_search
+from middo_ray.shardmap import map_shards, node_pool, nodes_of
 from middo_ray.signals.quality import aggregate_quality
 from middo_ray.storage import ShardSet
 
@@ -119,6 +118,7 @@ class DiagnoseShards:
             self.same_tok = self.pre_tok.get_vocab() == self.tok.get_vocab()
 
     def process(self, unit: dict) -> dict:
+        t0 = time.time()
         rows = [{c: (v if v is not None else "") for c, v in r.items()}
                 for r in storage.read_table(unit["input"], INPUT_COLUMNS).to_pylist()]
         cached: dict[str, float] = {}
@@ -139,6 +139,7 @@ class DiagnoseShards:
                           "n_response_tokens": pa.array(cols["n_response_tokens"], pa.int64()),
                           "truncated": pa.array(cols["truncated"], pa.bool_())})
         summary = self._summary(unit, cols, len(rows), int(cols["_computed"].sum()))
+        summary["compute_seconds"] = round(time.time() - t0, 3)
         storage.write_table(unit["commit"], table, summary)
         return summary
 
@@ -201,72 +202,6 @@ def _empty_columns() -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# kNN over the embedding shards.
-
-def read_embeddings(paths: list[str]) -> tuple[np.ndarray, list[str]]:
-    """The (N, D) float32 matrix and the ids of embedding shards, in order."""
-    mats, ids = [], []
-    for p in paths:
-        t = storage.read_table(p)
-        col = t.column("embedding").combine_chunks()
-        width = col.type.list_size
-        mats.append(col.values.to_numpy(zero_copy_only=False).reshape(len(t), width))
-        ids += t.column("sample_id").to_pylist()
-    width = max((m.shape[1] for m in mats), default=0)
-    return (np.concatenate(mats) if mats else np.zeros((0, width), np.float32)), ids
-
-
-def _knn_task(emb_paths: list[str], out_paths: list[str], k: int, method: str, exact_max_n: int, seed: int) -> dict:
-    """The kNN task: reads every embedding shard, searches, writes neighbour shards aligned with them."""
-    x, ids = read_embeddings(emb_paths)
-    res = knn_search(x, k=k, method=method, exact_max_n=exact_max_n, seed=seed)
-    id_arr = np.asarray(ids, dtype=object)
-    at = 0
-    for emb_path, out in zip(emb_paths, out_paths):
-        n = storage.num_rows(emb_path)
-        idx, sim = res.nbr_idx[at:at + n], res.nbr_sim[at:at + n]
-        nbr_ids = [[id_arr[j] if j >= 0 else None for j in row] for row in idx]
-        nbr_sims = [[float(v) if np.isfinite(v) else None for v in row] for row in sim]
-        storage.write_table(out, pa.table({"sample_id": pa.array(ids[at:at + n], pa.string()),
-                                           "knn_sim": _nulls(res.avg_sim[at:at + n]),
-                                           "nbr_ids": pa.array(nbr_ids, pa.list_(pa.string())),
-                                           "nbr_sims": pa.array(nbr_sims, pa.list_(pa.float32()))}))
-        at += n
-    return res.info
-
-
-def knn_memory(n: int, width: int, method: str) -> int:
-    """Bytes the kNN task reserves: the vectors, a unit-norm copy (FAISS) and the working products."""
-    vectors = n * width * 4
-    return int(vectors * (2.5 if method != "exact" else 1.5) + (256 << 20))
-
-
-def _run_knn(ctx: StageContext, cfg: DiagnoseConfig, embeddings: ShardSet, width: int) -> dict:
-    n = embeddings.total
-    method = cfg.knn_method if cfg.knn_method != "auto" else ("exact" if n <= cfg.knn_exact_max_n else "faiss")
-    memory = knn_memory(n, width, method)
-    _check_memory(memory, n, width)
-    outs = [ctx.path("neighbors", name) for name in embeddings.names]
-    t0 = time.time()
-    info = run_task(_knn_task, embeddings.paths(), outs, cfg.knn_k, cfg.knn_method, cfg.knn_exact_max_n, ctx.seed,
-                    what="diagnose: kNN", num_cpus=cfg.cpus_per_actor, memory=memory)
-    info["seconds_task"] = round(time.time() - t0, 3)
-    info["memory_reserved"] = memory
-    return info
-
-
-def _check_memory(memory: int, n: int, width: int) -> None:
-    """Refuses a kNN task no node can hold (Ray would wait for such a node forever)."""
-    import ray
-
-    nodes = [nd.get("Resources", {}).get("memory", 0) for nd in ray.nodes() if nd.get("Alive")]
-    if nodes and memory > max(nodes):
-        raise ValueError(f"the kNN over {n} x {width} embeddings needs about {memory / 2**30:.1f} GiB in one task, "
-                         f"more than any node offers ({max(nodes) / 2**30:.1f} GiB); use nodes with more memory "
-                         "(docs/knn.md gives the figures per N and hidden size)")
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage.
 
 def _units(ctx: StageContext, dataset: ShardSet, previous: "DiagnosisOutput | None") -> list[dict]:
@@ -303,8 +238,9 @@ def run(ctx: StageContext, cfg: DiagnoseConfig, inputs: dict) -> StageResult:
     embeddings = ShardSet(ctx.path("embeddings"), dataset.names, dataset.rows).save()
     width = _width(embeddings)
     t1 = time.time()
-    knn = _run_knn(ctx, cfg, embeddings, width) if dataset.total else {"method": "none", "n": 0}
-    neighbors = ShardSet(ctx.path("neighbors"), dataset.names, dataset.rows).save()
+    knn = neighbors.run(embeddings, ctx.path("neighbors"), width, cfg.knn_k, cfg.knn_method, cfg.knn_exact_max_n,
+                        ctx.seed, cfg.cpus_per_actor, cfg.knn_task_memory_gb) if dataset.total else {"method": "none"}
+    nbrs = ShardSet(ctx.path("neighbors"), dataset.names, dataset.rows).save()
     totals = {k: sum(int(s.get(k, 0)) for s in summaries) for k in COUNT_KEYS}
     info = {**{k: totals[k] for k in ("rows", "pre_loss_computed", "pre_loss_cached", "missing_loss_cur",
                                       "missing_quality", "truncated", "input_tokens")},
@@ -313,9 +249,10 @@ def run(ctx: StageContext, cfg: DiagnoseConfig, inputs: dict) -> StageResult:
             "ifd": {"enabled": cfg.ifd, "missing": totals["ifd_missing"] if cfg.ifd else None,
                     "above_1": totals["ifd_above_1"] if cfg.ifd else None},
             "knn": knn, "hidden_size": width, "nodes": nodes_of(summaries),
-            "seconds": {"pass": round(t_pass, 2), "knn": round(time.time() - t1, 3), "total": round(time.time() - t0, 2)},
+            "seconds": {"pass": round(t_pass, 2), "knn": round(time.time() - t1, 3), "total": round(time.time() - t0, 2),
+                        "units": round(sum(float(s.get("compute_seconds", 0)) for s in summaries), 2)},
             "shards": {"dataset": dataset.to_json(), "signals": signals.to_json(), "embeddings": embeddings.to_json(),
-                       "neighbors": neighbors.to_json()}}
+                       "neighbors": nbrs.to_json()}}
     log.info("diagnose: %d rows in %.1fs (model pass %.1fs, kNN %s %.2fs)", totals["rows"], time.time() - t0, t_pass,
              knn.get("method"), info["seconds"]["knn"])
     return StageResult(info, _output(info))
@@ -366,8 +303,8 @@ def collect(out: DiagnosisOutput) -> Diagnosis:
         cols["truncated"] = table.column("truncated").to_numpy(zero_copy_only=False).astype(bool)
         cols["nbr_idx"] = np.asarray([[pos[j] if j is not None else -1 for j in row]
                                       for row in table.column("nbr_ids").to_pylist()], dtype=np.int64)
-    emb, emb_ids = read_embeddings(out.embeddings.paths())
-    if emb_ids != ids:
+    emb, emb_ids = neighbors.read_embeddings(out.embeddings.paths())
+    if emb_ids.to_pylist() != ids:
         raise RuntimeError("diagnosis embeddings are not aligned with the signals; rerun diagnose")
     return Diagnosis(ids, cols, emb, {}, out)
 
@@ -396,5 +333,5 @@ def run_diagnosis(rows: list[dict], cfg, current_model: str, work_dir: str | Non
     return diag
 
 
-__all__ = ["DiagnoseShards", "Diagnosis", "DiagnosisOutput", "JUDGE_DIMENSIONS", "collect", "load", "read_embeddings",
-           "run", "run_diagnosis"]
+__all__ = ["DiagnoseShards", "Diagnosis", "DiagnosisOutput", "JUDGE_DIMENSIONS", "collect", "load", "run",
+           "run_diagnosis"]

@@ -190,4 +190,8 @@ def init_ray(cfg: MiddoConfig) -> None:
         ray.init(address=address)
         return
     env = {k: os.environ[k] for k in ("MIDDO_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ}
+    # Ray starts its workers at nice 15 so that its daemons stay responsive on shared machines. In a Ray of
+    # the run's own the workers do all of the run's work and the daemons idle, and at nice 15 the workers
+    # lose about 10% to them on a small machine (benchmarks/diagnose.py): they run at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None)

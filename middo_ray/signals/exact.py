@@ -125,6 +125,47 @@ def _exact_topk(x: np.ndarray, valid: np.ndarray, queries: np.ndarray, k: int,
     return out_sim, out_idx
 
 
+def streamed_topk(queries: np.ndarray, query_rows: np.ndarray, bases, k: int,
+                  query_block: int = _QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of some rows against every row of a dataset that arrives block by block.
+
+    For a search that no single process can hold: the caller keeps only its ``queries`` and one base
+    block at a time, so memory is the queries, one block and one product, and several such searches over
+    disjoint query rows give, together, exactly what :func:`_exact_topk` gives on the whole matrix.
+
+    Args:
+        queries: (q, D) vectors of the query rows.
+        query_rows: (q,) their positions in the dataset (a row is never its own neighbour).
+        bases: Iterable of ``(first_row, (b, D) vectors)`` covering the dataset, in any order.
+        k: Neighbours per row.
+
+    Returns:
+        (q, k) similarities (-inf where missing) and dataset positions (-1 where missing), best first, ties
+        to the lower position.
+    """
+    qv, q_ok = _unit_rows(np.asarray(queries, dtype=np.float32), slice(None))
+    query_rows = np.asarray(query_rows, dtype=np.int64)
+    nq = len(query_rows)
+    best_sim = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_idx = np.full((nq, k), -1, dtype=np.int64)
+    qb = max(1, min(query_block, nq or 1))
+    for start, block in bases:
+        base, b_ok = _unit_rows(np.asarray(block, dtype=np.float32), slice(None))
+        end = start + len(base)
+        for qs in range(0, nq, qb):
+            rows = query_rows[qs:qs + qb]
+            s = qv[qs:qs + qb] @ base.T
+            s[:, ~b_ok] = -np.inf
+            mine = np.flatnonzero((rows >= start) & (rows < end))
+            s[mine, rows[mine] - start] = -np.inf       # never your own neighbour (by position)
+            sim, idx = _block_topk(s, k)
+            idx[idx >= 0] += start
+            best_sim[qs:qs + qb], best_idx[qs:qs + qb] = _merge_topk(best_sim[qs:qs + qb], best_idx[qs:qs + qb],
+                                                                     sim, idx, k)
+    best_sim[~q_ok], best_idx[~q_ok] = -np.inf, -1
+    return best_sim, best_idx
+
+
 def exact_neighbors(embeddings: np.ndarray, rows: np.ndarray | None = None, k: int = 2,
                     query_block: int = _QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of the given rows (default: all) against the whole set.

@@ -161,3 +161,33 @@ def test_shared_prefix_judge_equals_full_prompts(tiny_model):
             ten = p[st.ten].numpy()[None] if st.ten is not None else None
             want = expected_score(first, z, ten)[0]
             assert got[i, j] == pytest.approx(want, abs=1e-4), (i, target, dim)
+
+
+def test_sharded_knn_equals_the_one_task_search(ray_local, tiny_model):
+    """The exact search spread over groups of shards (each task holding only its group, the other shards
+    streamed past it) finds the same neighbours and similarities as the one-task exact search."""
+    rows = _rows()
+    tree = {"model": {"base": "tiny"}, "data": {"cutoff_len": 64}, "select": {"axes": ["complexity", "diversity"]},
+            "diagnose": {"judge": False, "ifd": False}}
+    one = run_diagnosis(rows, build_config(tree), "tiny")
+    tree["data"]["rows_per_shard"] = 5
+    tree["diagnose"].update(knn_method="sharded", knn_task_memory_gb=1e-6)
+    sharded = run_diagnosis(rows, build_config(tree), "tiny")
+    assert sharded.counts["knn"]["method"] == "sharded" and sharded.counts["knn"]["groups"] == 6
+    np.testing.assert_array_equal(sharded.columns["nbr_idx"], one.columns["nbr_idx"])
+    np.testing.assert_allclose(sharded.columns["knn_sim"], one.columns["knn_sim"], atol=1e-6)
+
+
+@pytest.mark.unit
+def test_knn_choice_follows_size_and_memory():
+    """auto: exact up to knn_exact_max_n, FAISS above; the sharded exact search when one task would not fit;
+    an explicit FAISS that cannot fit is refused with the fix."""
+    from middo_ray.neighbors import choose
+
+    gib = 2**30
+    assert choose("auto", 1000, 64, 50_000, gib) == "exact"
+    assert choose("auto", 100_000, 64, 50_000, gib) == "faiss"
+    assert choose("auto", 1_000_000, 4096, 50_000, 8 * gib) == "sharded"
+    assert choose("exact", 1_000_000, 4096, 2_000_000, 8 * gib) == "sharded"
+    with pytest.raises(ValueError, match="knn_method=auto or sharded"):
+        choose("faiss", 1_000_000, 4096, 50_000, 8 * gib)
