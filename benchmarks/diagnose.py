@@ -86,6 +86,7 @@ def plain_diagnosis(rows: list[dict], model: str, dtype: str, batch_tokens: int,
     t0 = time.time()
     cur, tok = load_model(model, dtype)
     pre, _ = load_model(model, dtype)
+    t_loop = time.time()
     loss_pre, loss_cur, embs, tokens = [], [], [], 0
     for s in range(0, len(rows), block):
         enc = [encode_row(r, tok, "default", 512) for r in rows[s:s + block]]
@@ -95,18 +96,28 @@ def plain_diagnosis(rows: list[dict], model: str, dtype: str, batch_tokens: int,
         loss_cur.append(a.loss)
         loss_pre.append(b.loss)
         embs.append(a.embedding)
+    compute = time.time() - t_loop
     emb = np.concatenate(embs)
     knn = knn_search(emb, k=2)
-    return {"seconds": time.time() - t0, "loss_cur": np.concatenate(loss_cur), "loss_pre": np.concatenate(loss_pre),
-            "knn_sim": knn.avg_sim, "tokens": tokens}
+    return {"seconds": time.time() - t0, "compute_s": compute, "loss_cur": np.concatenate(loss_cur),
+            "loss_pre": np.concatenate(loss_pre), "knn_sim": knn.avg_sim, "tokens": tokens}
 
 
-def part_a(model: str, n: int, dtype: str, batch_tokens: int, repeat: int = 1) -> dict:
+def _settle(seconds: float) -> None:
+    """Waits until the 1-minute load average is below 0.5 (at most ``seconds``): the runs start idle."""
+    end = time.time() + seconds
+    while time.time() < end and os.getloadavg()[0] > 0.5:
+        time.sleep(2)
+
+
+def part_a(model: str, n: int, dtype: str, batch_tokens: int, repeat: int = 1, settle: float = 0.0) -> dict:
     """Plain loop and Ray Data diagnosis, alternately, ``repeat`` times each; the median of the ratios.
 
     The Ray side runs on the loop's own local Ray (``rundir.init_ray``) and includes its actor's start
     (process, imports, model load), the shards written and read back, and the kNN task; the plain side
-    includes its model loads and kNN. Where the Ray side's time goes is in its ``stage`` figures.
+    includes its model loads and kNN. ``steady_ratio`` compares the compute alone (the plain loop's block
+    loop against the sum of the actor's per-shard compute), so the fixed cost of starting the actor shows
+    apart from the per-row cost. Where the Ray side's time goes is in its ``stage`` figures.
     """
     from middo_ray.diagnose import run_diagnosis
     from middo_ray.rundir import init_ray
@@ -115,21 +126,25 @@ def part_a(model: str, n: int, dtype: str, batch_tokens: int, repeat: int = 1) -
     cfg = _cfg(model, dtype, batch_tokens)
     runs = []
     for _ in range(repeat):
+        _settle(settle)
         plain = plain_diagnosis(rows, model, dtype, batch_tokens)
         init_ray(cfg)                   # the loop's own start of a local Ray (once)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
+        _settle(settle)
         t0 = time.time()
         d = run_diagnosis(rows, cfg, model)
         ours = time.time() - t0
         runs.append({"plain_s": round(plain["seconds"], 2), "ray_s": round(ours, 2),
                      "ratio": round(plain["seconds"] / ours, 3), "stage": d.counts["seconds"],
+                     "steady_ratio": round(plain["compute_s"] / d.counts["seconds"]["units"], 3),
                      "max_abs_loss_diff": float(np.nanmax(np.abs(d.columns["loss_cur"] - plain["loss_cur"])))})
     ratios = sorted(r["ratio"] for r in runs)
     best = runs[[r["ratio"] for r in runs].index(ratios[len(ratios) // 2])]
     return {"part": "a", "model": model, "n": n, "tokens": plain["tokens"], "plain_s": best["plain_s"],
             "ray_s": best["ray_s"], "ratio": best["ratio"], "ratios": [r["ratio"] for r in runs],
+            "steady_ratios": [r["steady_ratio"] for r in runs],
             "ray_tokens_per_s": round(2 * plain["tokens"] / best["ray_s"], 1),
             "max_abs_loss_diff": max(r["max_abs_loss_diff"] for r in runs), "runs": runs,
             "load_average": [round(x, 2) for x in os.getloadavg()], "goal": ">= 0.9"}
@@ -286,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     p.add_argument("--model-a", default="tiny", help="model of part (a) ('tiny', 'smollm2' or a path)")
     p.add_argument("--n-a", type=int, default=20_000, help="samples of part (a)")
-    p.add_argument("--repeat-a", type=int, default=3, help="runs of each side in part (a); the median ratio is reported")
+    p.add_argument("--repeat-a", type=int, default=5, help="runs of each side in part (a); the median ratio is reported")
+    p.add_argument("--settle", type=float, default=90.0, help="part (a): most seconds to wait for the load to drop "
+                                                              "below 0.5 before each timed side")
     p.add_argument("--model-b", default="tiny", help="model of part (b)")
     p.add_argument("--n-b", type=int, default=5_000, help="Alpaca samples of part (b)")
     p.add_argument("--knn-sizes", default="10000,100000,1000000", help="vector counts of part (c)")
@@ -301,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version()}, "args": vars(args)}
     if "a" in parts:
-        results["a"] = part_a(args.model_a, args.n_a, args.dtype, args.batch_tokens, args.repeat_a)
+        results["a"] = part_a(args.model_a, args.n_a, args.dtype, args.batch_tokens, args.repeat_a, args.settle)
         shown = {k: v for k, v in results["a"].items() if k != "runs"}
         print(_table("(a) Ray Data diagnosis vs plain loop (ratio = plain s / Ray s, median of the runs)", [shown]),
               flush=True)
