@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from middo_ray.models import resolve_model
 
+    from middo_ray.rundir import init_ray
+
     resolve_model(args.model)   # one-time conversions happen before anything is timed
-    env = {k: os.environ[k] for k in ("MIDDO_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False, runtime_env={"env_vars": env})
+    # The loop's own start of a local Ray (its workers at normal priority, as a run's are).
+    init_ray(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": max(4, os.cpu_count() or 1)})}))
 
     print(f"training {args.model} on {len(rows)} rows of {data.name}: plain torch loop, then Ray Train "
           f"(1 worker), {args.repeat} time(s)")

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from middo_ray import storage
-from middo_ray.config import MiddoConfig, RefineConfig
+from middo_ray.config import RefineConfig
 from middo_ray.llmcalls import Call, LLMCallCache, app_info, checked_results, run_calls
 from middo_ray.rundir import StageContext, StageResult, read_record
 from middo_ray.schema import JOB_AXES, OPERATION_OF_AXIS, OPERATIONS, prompt_text
@@ -472,7 +472,8 @@ def run(ctx: StageContext, cfg: RefineConfig, inputs: dict) -> StageResult:
 
     Inputs: ``dataset`` (ShardSet D_{k-1}), ``flags`` (the select stage's ShardSet), ``diagnosis``
     (DiagnosisOutput, for the neighbours), ``apps`` (ServeApps), ``judge_model`` (M_{k-1}, the model the
-    round diagnosed with).
+    round diagnosed with), and from the select stage's counts ``any_sparse`` (whether a neighbour lookup is
+    needed) and ``jobs`` (the flags in all; 0 deploys no teacher).
     """
     t0 = time.time()
     dataset, flags, diag, apps = inputs["dataset"], inputs["flags"], inputs["diagnosis"], inputs["apps"]
@@ -518,7 +519,3 @@ def _info(finals: list[dict], rewrites: list[dict], cfg: RefineConfig, seconds: 
 def load(stage_dir: str) -> StageResult:
     info = read_record(stage_dir)
     return StageResult(info, ShardSet.from_json(info["shards"]["results"]))
-
-
-def refiner_settings(cfg: MiddoConfig) -> RefineConfig:
-    return cfg.refine

@@ -213,6 +213,41 @@ def _sample_recall(xn: np.ndarray, assign: np.ndarray, nlist: int, nprobe: int, 
     return recall_at_k(found, true_pos)
 
 
+def _choose_nprobe(x, valid, xn, vpos, assign, quantizer, nlist: int, nprobe: int, width: int, target: float,
+                   recall_sample: int, k: int, seed: int):
+    """The recall check: the smallest nprobe (4, 6, 9, 14, ... up to nlist) whose IVF search, simulated on a
+    seeded sample of rows, reaches ``target`` plus one binomial standard error.
+
+    Returns:
+        (nprobe, the coarse assignment (widened when needed), the tries, the sample rows, their exact
+        similarities and rows, the margin, the extra coarse-pass seconds).
+    """
+    tried: list[dict] = []
+    sample = np.zeros(0, dtype=np.int64)
+    true_sim = true_idx = None
+    margin, t_more = 0.0, 0.0
+    if target <= 0:
+        return nprobe, assign, tried, sample, true_sim, true_idx, margin, t_more
+    nv = len(vpos)
+    rng = np.random.default_rng([seed, 1])
+    sample = np.sort(rng.choice(nv, size=min(recall_sample, nv), replace=False))
+    true_sim, true_idx = _exact_topk(x, valid, vpos[sample], k)
+    true_pos = np.where(true_idx >= 0, np.searchsorted(vpos, true_idx), -1)
+    margin = math.sqrt(target * (1 - target) / max(1, true_pos.size))
+    while True:
+        if nprobe > width:                       # the probes needed go past the coarse pass
+            width = min(nlist, max(nprobe, 4 * width))
+            t1 = time.perf_counter()
+            assign = _coarse(quantizer, xn, width)
+            t_more += time.perf_counter() - t1
+        est = _sample_recall(xn, assign, nlist, nprobe, sample, true_pos, k)
+        tried.append({"nprobe": nprobe, "recall_estimate": round(est, 4)})
+        if est >= min(1.0, target + margin) or nprobe >= nlist:
+            break
+        nprobe = min(nlist, max(nprobe + 1, math.ceil(1.5 * nprobe)))
+    return nprobe, assign, tried, sample, true_sim, true_idx, margin, t_more
+
+
 def _faiss_topk(x: np.ndarray, valid: np.ndarray, k: int, seed: int, params: dict
                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate top-k of every valid row with a FAISS IVF index over unit rows.
@@ -242,26 +277,9 @@ def _faiss_topk(x: np.ndarray, valid: np.ndarray, k: int, seed: int, params: dic
     t_assign = time.perf_counter() - t
 
     t = time.perf_counter()
-    tried: list[dict] = []
-    sample = np.zeros(0, dtype=np.int64)
-    margin = 0.0
-    if target > 0:
-        rng = np.random.default_rng([seed, 1])
-        sample = np.sort(rng.choice(nv, size=min(params["recall_sample"], nv), replace=False))
-        true_sim, true_idx = _exact_topk(x, valid, vpos[sample], k)
-        true_pos = np.where(true_idx >= 0, np.searchsorted(vpos, true_idx), -1)
-        margin = math.sqrt(target * (1 - target) / max(1, true_pos.size))
-        while True:
-            if nprobe > width:                       # the probes needed go past the coarse pass
-                width = min(nlist, max(nprobe, 4 * width))
-                t1 = time.perf_counter()
-                assign = _coarse(quantizer, xn, width)
-                t_assign += time.perf_counter() - t1
-            est = _sample_recall(xn, assign, nlist, nprobe, sample, true_pos, k)
-            tried.append({"nprobe": nprobe, "recall_estimate": round(est, 4)})
-            if est >= min(1.0, target + margin) or nprobe >= nlist:
-                break
-            nprobe = min(nlist, max(nprobe + 1, math.ceil(1.5 * nprobe)))
+    nprobe, assign, tried, sample, true_sim, true_idx, margin, t_more = _choose_nprobe(
+        x, valid, xn, vpos, assign, quantizer, nlist, nprobe, width, target, params["recall_sample"], k, seed)
+    t_assign += t_more
     t_check = time.perf_counter() - t
 
     t = time.perf_counter()
