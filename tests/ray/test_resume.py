@@ -37,14 +37,43 @@ def _start(run_dir: Path, upto: str, port: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _session(sid: int) -> list[int]:
+    """The pids of the live processes in session ``sid`` (Ray's workers lead process groups of their own, so
+    killing the driver's group would leave them running, and writing, for a moment after the kill)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILLs every process of the driver's session (driver, GCS, raylet, workers) and waits until none is
+    left, so nothing of the killed run writes after this returns."""
+    deadline = time.time() + timeout
+    while (pids := _session(proc.pid)) and time.time() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.poll()
+        time.sleep(0.2)
+    proc.wait(timeout=timeout)
+    assert not _session(proc.pid), f"processes of the killed run still alive: {_session(proc.pid)}"
+
+
 def _kill_when(proc: subprocess.Popen, shard_dir: Path, n: int, timeout: float = 600) -> list[Path]:
-    """SIGKILLs the driver's process group once ``n`` shards are committed in ``shard_dir``; returns them."""
+    """SIGKILLs the driver's whole session once ``n`` shards are committed in ``shard_dir``; returns them."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         done = sorted(shard_dir.glob("part-*.parquet"))
         if len(done) >= n:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            _kill_session(proc)
             return done
         time.sleep(0.1)
     out = proc.stdout.read() if proc.stdout else ""
