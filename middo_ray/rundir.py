@@ -138,6 +138,14 @@ class Run:
         return storage.join(self.root, "final")
 
 
+def _finished_seconds(stage_dir: str) -> float | None:
+    """The seconds a finished stage took when it ran (its marker's record; None for a marker without one)."""
+    try:
+        return storage.read_json(storage.join(stage_dir, MARKER)).get("seconds")
+    except (ValueError, AttributeError):
+        return None
+
+
 class Round:
     """One round's stages, run through :meth:`run`, and its manifest."""
 
@@ -147,6 +155,7 @@ class Round:
         self.dir = storage.join(run.root, f"round_{k}")
         self.stages: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
+        self.resumed: list[str] = []  # stages this process found finished and loaded
 
     def run(self, name: str, module, section, inputs: dict | None = None) -> StageResult:
         """Runs stage ``name`` (``module.run``) unless it finished before; records it either way."""
@@ -154,6 +163,8 @@ class Round:
         t0 = time.time()
         if self.run_.cfg.run.resume and stage_done(stage_dir):
             result = module.load(stage_dir)
+            self.timings[name] = _finished_seconds(stage_dir)
+            self.resumed.append(name)
         else:
             if not self.run_.cfg.run.resume:
                 storage.remove_tree(stage_dir)
@@ -161,9 +172,10 @@ class Round:
             ctx = StageContext(self.run_.cfg, stage_dir, self.k, self.run_.root, self.run_.services)
             result = module.run(ctx, section, inputs or {})
             storage.write_json(storage.join(stage_dir, RECORD), result.info)
-            storage.write_text(storage.join(stage_dir, MARKER), datetime.now(timezone.utc).isoformat())
+            self.timings[name] = round(time.time() - t0, 2)
+            storage.write_json(storage.join(stage_dir, MARKER), {
+                "finished": datetime.now(timezone.utc).isoformat(), "seconds": self.timings[name]})
         self.stages[name] = result.info
-        self.timings[name] = round(time.time() - t0, 2)
         self.write_manifest()
         return result
 
@@ -171,6 +183,7 @@ class Round:
         """The round's manifest: every stage so far, their seconds, versions, config (rewritten as it grows)."""
         cfg = self.run_.cfg
         manifest = {"round": self.k, "run_id": cfg.run.run_id, "stages": self.stages, "timings": self.timings,
+                    "resumed": self.resumed,
                     **extra, "versions": versions(), "config": cfg.model_dump(),
                     "written": datetime.now(timezone.utc).isoformat()}
         storage.write_json(storage.join(self.dir, "manifest.json"), manifest)

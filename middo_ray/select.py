@@ -290,6 +290,7 @@ def moments_of(diag) -> dict[str, Moments]:
 def budget_cutoffs(paths: dict[str, list[str]], budget: int) -> dict[str, list | None]:
     """Per score, the (score, position) of the ``budget``-th worst sample (Ray Data sort), or None."""
     import ray
+    from ray.data.expressions import col
 
     out: dict[str, list | None] = {}
     for axis, files in paths.items():
@@ -299,7 +300,7 @@ def budget_cutoffs(paths: dict[str, list[str]], budget: int) -> dict[str, list |
             continue
         top = ds.sort(["neg", "ordinal"]).limit(budget).materialize()
         neg = top.max("neg")
-        last = top.filter(lambda r, v=neg: r["neg"] == v).max("ordinal")
+        last = top.filter(expr=col("neg") == neg).max("ordinal")
         out[axis] = [-float(neg), int(last)]
     return out
 

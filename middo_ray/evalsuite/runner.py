@@ -386,12 +386,14 @@ def evaluate_on_ray(model: str, heldout, cfg: MiddoConfig, out_dir: Path | None 
         ds = ds.map_batches(score_batch, fn_kwargs={"timeout_s": cfg.eval.code_timeout_s,
                                                     "memory_mb": cfg.eval.code_memory_mb},
                             batch_size=8, batch_format="numpy", num_cpus=cfg.eval.code_cpus)
+        from ray.data.expressions import col
+
         done = ds.map_batches(_split_record, batch_format="numpy", num_cpus=0.25).materialize()
-        loss = done.filter(lambda r: bool(r["is_loss"]))
+        loss = done.filter(expr=col("is_loss"))
         n_loss = loss.count()
         if n_loss:
             sums = (n_loss, float(loss.sum("loss_sum")), int(loss.sum("loss_tokens")))
-        records = [json.loads(r["record"]) for r in done.filter(lambda r: not r["is_loss"]).take_all()]
+        records = [json.loads(r["record"]) for r in done.filter(expr=~col("is_loss")).take_all()]
     metrics = aggregate(records, cfg, time.time() - t0, heldout=sums)
     if out_dir is not None:
         write_predictions(records, Path(out_dir) / "predictions.jsonl")

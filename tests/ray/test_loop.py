@@ -58,9 +58,14 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
     assert (run / "report.html").is_file()
 
     stamps = {m: m.read_text() for m in markers}
+    ran = json.loads((run / "round_1" / "manifest.json").read_text())["timings"]
     second = run_loop(_cfg(tmp_path, port))
     assert {m: m.read_text() for m in markers} == stamps
     assert second["history"] == first["history"] and second["sizes"] == first["sizes"]
+    # The resumed round's manifest keeps the seconds of the run that did the work and names the stages it skipped.
+    again = json.loads((run / "round_1" / "manifest.json").read_text())
+    assert again["timings"] == ran and all(t > 0 for t in ran.values())
+    assert set(again["resumed"]) == set(ran)
 
 
 @pytest.mark.unit

@@ -63,3 +63,16 @@ def test_alpaca400_reproduces_the_pinned_results_and_shards_do_not_change_signal
     assert_signals_match({r["sample_id"]: signal_record(r) for r in signals}, want["rounds"][0]["signals"], "sharded")
     assert {r["sample_id"]: [r["complexity"], r["diversity"], r["quality"]] for r in _rows(sel)} \
         == want["rounds"][0]["flags"]
+
+    # The budget mode on the shards (scores per shard, cut-offs from a Ray Data sort) flags exactly what the
+    # same rules flag on the columns in memory, ties at the cut-off included.
+    from middo_ray.select import select_flags
+
+    budget = cfg.select.model_copy(update={"mode": "budget", "budget_fraction": 0.05})
+    got = run.round(2).run("select", select, budget, {"diagnosis": diag})
+    flags, thresholds, counts = select_flags(diagnose.collect(diag).columns, budget)
+    rows = _rows(got.output)
+    for axis in ("complexity", "diversity", "quality"):
+        assert [r[axis] for r in rows] == flags[axis].tolist(), axis
+        assert got.info["thresholds"][axis]["severity_cutoff"] == pytest.approx(thresholds[axis]["severity_cutoff"])
+    assert 0 < got.info["counts"]["any"]["flagged"] == counts["any"]["flagged"]
