@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             child_env = dict(env, PYTHONPATH=os.pathsep.join(roots + [str(ROOT / "benchmarks")]))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", path, str(n), str(data), str(out), *extra]
             try:
-                subprocess.run(cmd, env=child_env, timeout=args.timeout, check=False)
+                # cwd = the tree under test: Ray puts the driver's working directory first on its workers' path.
+                subprocess.run(cmd, env=child_env, cwd=roots[0], timeout=args.timeout, check=False)
                 results.append(json.loads(out.read_text()))
             except (subprocess.TimeoutExpired, FileNotFoundError) as exc:
                 results.append({"path": path, "n": n, "seconds": {}, "total_s": None, "driver_peak_rss_mb": None,

@@ -91,8 +91,10 @@ def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None =
         worker_cls: A class with ``process(unit) -> summary``; importable by module path on every node.
         worker_kwargs: Its constructor arguments (plain values).
         what: Name for progress lines ("diagnose", ...).
-        actors: Ray Data actor-pool options (``concurrency``, ``num_cpus``, ``num_gpus``, ...) for workers
-            with heavy state; None runs each unit as a light task of ``task_cpus`` CPUs.
+        actors: Actor-pool options for workers with heavy state: ``concurrency`` (the pool's size, capped at
+            the pending units, or a (min, max) pair; it becomes Ray Data's ``ActorPoolStrategy``) and
+            map_batches' remote args (``num_cpus``, ``num_gpus``, ``scheduling_strategy``, ...); None runs each
+            unit as a light task of ``task_cpus`` CPUs.
         on_summary: Called with each new summary as it arrives.
 
     Returns:
@@ -115,8 +117,11 @@ def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None =
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
         if actors is not None:
             actors = dict(actors)
-            if isinstance(actors.get("concurrency"), int):   # no actor (and model load) without a unit
-                actors["concurrency"] = max(1, min(actors["concurrency"], len(pending)))
+            size = actors.pop("concurrency", 1)
+            if isinstance(size, int):                         # no actor (and model load) without a unit
+                actors["compute"] = ray.data.ActorPoolStrategy(size=max(1, min(size, len(pending))))
+            else:                                             # (min, max): an autoscaling pool
+                actors["compute"] = ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
             ds = ds.map_batches(_ActorRunner, fn_constructor_kwargs={"worker_cls": worker_cls,
                                                                     "worker_kwargs": worker_kwargs},
                                 batch_size=1, batch_format="numpy", **actors)

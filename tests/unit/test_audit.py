@@ -9,7 +9,6 @@ import pytest
 
 from middo_ray.audit import (DEFAULT_KINDS, NON_ANSWERS, AuditError, audit_metrics, auroc, axis_scores,
                              earlier_max_similarity, inject_defects, precision_recall)
-from middo_ray.cli import main
 from middo_ray.schema import make_row
 from middo_ray.signals.thresholds import complexity_flags
 

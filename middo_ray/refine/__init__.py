@@ -20,6 +20,10 @@ rewrite, a rewrite the judge rejected, and every item of a request that did not 
 ``refine.request_timeout_s`` come back with status "failed" and a reason, and merge keeps the original
 sample; a request that raises (dead replica, lost connection, broken contract) stops the stage.
 
+The package: :mod:`~middo_ray.refine.jobs` (jobs and the requests they become), :mod:`~middo_ray.refine.teacher`
+(rewriting and re-judging a list of jobs through the deployment handles) and, here, the stage: the per-shard
+workers, the hints task, the results' format.
+
 What ``round_<k>/refine/`` holds::
 
     _hints/part-*.parquet     sample_id and the two hint prompts of each sparse sample
@@ -34,278 +38,29 @@ What ``round_<k>/refine/`` holds::
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import pyarrow as pa
 
 from middo_ray import storage
 from middo_ray.config import RefineConfig
-from middo_ray.llmcalls import Call, LLMCallCache, app_info, checked_results, run_calls
+from middo_ray.llmcalls import LLMCallCache
+from middo_ray.refine.jobs import CHUNK_STRIDE, JOB_KEYS, build_jobs, plan_requests, request_seed
+from middo_ray.refine.teacher import (JUDGE_CUTOFF_LEN, RefineOutcome, _finite, _new_stats, accept_rewrite,
+                                      outcome_counts, refine_jobs, rejudge, rewrite_jobs)
 from middo_ray.rundir import StageContext, StageResult, read_record
-from middo_ray.schema import JOB_AXES, OPERATION_OF_AXIS, OPERATIONS, prompt_text
+from middo_ray.schema import JOB_AXES, prompt_text
 from middo_ray.shardmap import committed_summary, map_shards, nodes_of, run_task
 from middo_ray.storage import ShardSet, shard_index
-from middo_ray.wire import RefineResult
 
 log = logging.getLogger("middo")
 
-JOB_KEYS = ("sample_id", "operation", "instruction", "input", "output", "hints")
-JUDGE_CUTOFF_LEN = 1024
-# Request seeds of shard s count their chunks from s * CHUNK_STRIDE: shard 0 asks what a single-shard run asks.
-CHUNK_STRIDE = 1 << 20
 RESULT_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("operation", pa.string()), ("position", pa.int64()),
     ("before_instruction", pa.string()), ("before_input", pa.string()), ("before_output", pa.string()),
     ("hints", pa.list_(pa.string())), ("status", pa.string()), ("reason", pa.string()), ("instruction", pa.string()),
     ("input", pa.string()), ("output", pa.string()), ("attempts", pa.int64()), ("quality_before", pa.float64()),
     ("quality_after", pa.float64())])
-
-
-@dataclass
-class RefineOutcome:
-    """What refining a list of jobs produced.
-
-    Attributes:
-        results: One RefineResult dict per job, in job order (``sample_id`` and ``status`` always set).
-        counts: ``{"jobs", "ok", "failed", "requests", "seconds", "by_operation": {op: {"ok", "failed"}},
-            "cache_hits", "cache_misses", "timeouts", "accept", "judged", "rejected", "judge_requests"}``
-            (cache hits/misses count requests, refine and judge together; ``judged``/``rejected`` count items).
-    """
-
-    results: list[dict[str, Any]]
-    counts: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs and requests.
-
-def build_jobs(rows: list[dict], flags: dict[str, list[bool]], hints: dict[str, list[str]]) -> list[dict]:
-    """One refine job per (flagged sample, axis), in the sample's order, then the axes' job order."""
-    jobs: list[dict] = []
-    for i, row in enumerate(rows):
-        for axis in JOB_AXES:
-            if not flags[axis][i]:
-                continue
-            jobs.append({"sample_id": row["sample_id"], "operation": OPERATION_OF_AXIS[axis],
-                         "instruction": row["instruction"], "input": row.get("input") or "",
-                         "output": row.get("output") or "",
-                         "hints": list(hints.get(row["sample_id"], [])) if axis == "diversity" else []})
-    return jobs
-
-
-def _check_jobs(jobs: list[dict]) -> None:
-    """Raises ValueError naming the first malformed job (a caller bug, not a row failure)."""
-    for pos, job in enumerate(jobs):
-        missing = [k for k in ("sample_id", "operation", "instruction") if not job.get(k)]
-        if missing:
-            raise ValueError(f"refine job #{pos} lacks {missing}; every job needs {list(JOB_KEYS)}")
-        if job["operation"] not in OPERATIONS:
-            raise ValueError(f"refine job #{pos} ({job['sample_id']}): unknown operation '{job['operation']}'; "
-                             f"use one of {list(OPERATIONS)}")
-
-
-def request_seed(seed: int, operation: str, chunk: int) -> int:
-    """A per-request seed that depends only on the run seed, the operation and the chunk number."""
-    op = OPERATIONS.index(operation)
-    return (int(seed) * 1_000_003 + op * 65_537 + chunk * 7_919) % (2**31 - 1)
-
-
-def plan_requests(jobs: list[dict], cfg: RefineConfig, seed: int, chunk_base: int = 0) -> list[tuple[list[int], dict]]:
-    """Groups jobs by operation (in a fixed operation order) into request dicts of cfg.batch_size.
-
-    Returns:
-        ``(job positions, request dict)`` pairs; the positions say where each result goes back.
-    """
-    plan: list[tuple[list[int], dict]] = []
-    for op in OPERATIONS:
-        positions = [i for i, j in enumerate(jobs) if j["operation"] == op]
-        for chunk, start in enumerate(range(0, len(positions), cfg.batch_size)):
-            part = positions[start:start + cfg.batch_size]
-            samples = [{"sample_id": jobs[i]["sample_id"], "instruction": jobs[i]["instruction"],
-                        "input": jobs[i].get("input") or "", "output": jobs[i].get("output") or "",
-                        "hints": list(jobs[i].get("hints") or [])} for i in part]
-            request = {
-                "operation": op, "samples": samples, "max_retries": cfg.max_retries,
-                "prefill_marker": cfg.prefill_marker,
-                "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                             "top_p": cfg.top_p, "seed": request_seed(seed, op, chunk_base + chunk)},
-            }
-            plan.append((part, request))
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewriting and re-judging a list of jobs (what one shard's workers do; also usable on its own).
-
-def _new_stats() -> dict[str, Any]:
-    return {"cache_hits": 0, "cache_misses": 0, "timeouts": 0, "judged": 0, "rejected": 0, "judge_requests": 0,
-            "requests": 0}
-
-
-def rewrite_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
-                 stats: dict, chunk_base: int = 0, max_in_flight: int | None = None) -> list[dict]:
-    """The teacher's answer to every job (RefineResult dicts in job order; a timed-out request fails its items)."""
-    _check_jobs(jobs)
-    plan = plan_requests(jobs, cfg, seed, chunk_base)
-    stats["requests"] += len(plan)
-    results: list[dict | None] = [None] * len(jobs)
-    if not plan:
-        return []
-    ident = app_info(handle, "refiner")
-    calls = [Call("refine", request, f"refine request ({request['operation']}, {len(positions)} samples, "
-                                     f"first id {request['samples'][0]['sample_id']})") for positions, request in plan]
-    run_calls(handle, calls, max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache, ident, stats)
-    for (positions, request), call in zip(plan, calls):
-        if call.error:
-            for pos in positions:
-                results[pos] = RefineResult(sample_id=jobs[pos]["sample_id"], status="failed",
-                                            reason=f"{call.error}; original kept").model_dump()
-            continue
-        got = checked_results(call, [s["sample_id"] for s in request["samples"]])
-        for pos, res in zip(positions, got):
-            results[pos] = RefineResult.model_validate(res).model_dump()
-    return results  # type: ignore[return-value]
-
-
-def _judge_mode(cfg: RefineConfig, ident: dict) -> str:
-    modes = ident.get("judge_modes") or ["generate"]
-    if cfg.judge_mode == "auto":
-        return "prob" if "prob" in modes else "generate"
-    if cfg.judge_mode not in modes:
-        raise ValueError(f"refine.judge_mode='{cfg.judge_mode}' but the refiner's engine '{ident.get('engine')}' "
-                         f"supports only {modes}; set refine.judge_mode='auto'")
-    return cfg.judge_mode
-
-
-def accept_rewrite(cfg: RefineConfig, before: float | None, after: float | None) -> str | None:
-    """Why a judged rewrite is rejected under ``cfg.accept``, or None when it is kept.
-
-    A rewrite the judge could not score is rejected (the original is the safe choice); an original
-    without a score cannot be compared, so under 'not_worse' its rewrite is kept.
-    """
-    if cfg.accept == "none":
-        return None
-    if after is None:
-        return "the re-judge gave the rewrite no score"
-    if cfg.accept == "min_score":
-        if after < cfg.accept_min_score:
-            return f"judged quality {after:.2f} < refine.accept_min_score {cfg.accept_min_score:g}"
-        return None
-    if before is not None and after < before - cfg.accept_tolerance:
-        tol = f" - tolerance {cfg.accept_tolerance:g}" if cfg.accept_tolerance else ""
-        return f"judged quality {after:.2f} < original's {before:.2f}{tol} (refine.accept=not_worse)"
-    return None
-
-
-def _finite(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-
-def _judge_calls(jobs: list[dict], results: list[dict], positions: list[int], cfg: RefineConfig, seed: int,
-                 mode: str, template: str, cutoff_len: int, chunk_base: int) -> list[tuple[list[int], Call]]:
-    calls = []
-    for chunk, start in enumerate(range(0, len(positions), cfg.batch_size)):
-        part = positions[start:start + cfg.batch_size]
-        samples = []
-        for i in part:
-            job, res = jobs[i], results[i]
-            samples.append({"sample_id": f"{job['sample_id']}:before", "instruction": job["instruction"],
-                            "input": job.get("input") or "", "output": job.get("output") or ""})
-            samples.append({"sample_id": f"{job['sample_id']}:after", "instruction": res["instruction"],
-                            "input": res.get("input") or "", "output": res["output"]})
-        request = {"samples": samples, "mode": mode, "template": template, "cutoff_len": cutoff_len,
-                   "sampling": {"max_new_tokens": 8, "temperature": 0.1, "top_p": 1.0,
-                                "seed": (int(seed) * 7_919 + (chunk_base + chunk) * 104_729 + 17) % (2**31 - 1)}}
-        what = f"re-judge request ({len(part)} rewrites, first id {jobs[part[0]]['sample_id']})"
-        calls.append((part, Call("judge", request, what)))
-    return calls
-
-
-def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
-            stats: dict, template: str = "auto", cutoff_len: int = JUDGE_CUTOFF_LEN, chunk_base: int = 0,
-            max_in_flight: int | None = None) -> None:
-    """Judges every ok rewrite with its original and turns rejected ones into failures (in place)."""
-    positions = [i for i, r in enumerate(results) if r["status"] == "ok"]
-    if cfg.accept == "none" or not positions:
-        return
-    ident = app_info(handle, "judge")
-    stats["judge_model"], stats["judge_revision"] = ident.get("model"), ident.get("revision")
-    calls = _judge_calls(jobs, results, positions, cfg, seed, _judge_mode(cfg, ident), template, cutoff_len,
-                         chunk_base)
-    stats["judge_requests"] += len(calls)
-    run_calls(handle, [c for _, c in calls], max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache,
-              ident, stats)
-    for part, call in calls:
-        if call.error:
-            for i in part:
-                results[i] = _failed(results[i], f"re-judge failed: {call.error}; original kept")
-            continue
-        got = checked_results(call, [s["sample_id"] for s in call.request["samples"]])
-        for k, i in enumerate(part):
-            before, after = _finite(got[2 * k].get("quality")), _finite(got[2 * k + 1].get("quality"))
-            stats["judged"] += 1
-            why = accept_rewrite(cfg, before, after)
-            if why is not None:
-                stats["rejected"] += 1
-                results[i] = _failed(results[i], f"rejected by re-judge: {why}; original kept")
-            results[i]["quality_before"], results[i]["quality_after"] = before, after
-
-
-def _failed(result: dict, reason: str) -> dict:
-    """A failed copy of a result (no texts, as the wire contract says), keeping id and attempts."""
-    return RefineResult(sample_id=result.get("sample_id"), status="failed", reason=reason,
-                        attempts=int(result.get("attempts") or 0),
-                        quality_before=result.get("quality_before"),
-                        quality_after=result.get("quality_after")).model_dump()
-
-
-def outcome_counts(jobs: list[dict], results: list[dict], cfg: RefineConfig, stats: dict) -> dict:
-    by_op: dict[str, dict[str, int]] = {}
-    for job, res in zip(jobs, results):
-        slot = by_op.setdefault(job["operation"], {"ok": 0, "failed": 0})
-        slot[res["status"]] += 1
-    return {"jobs": len(jobs), "ok": sum(v["ok"] for v in by_op.values()),
-            "failed": sum(v["failed"] for v in by_op.values()), "by_operation": by_op, "accept": cfg.accept, **stats}
-
-
-def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache_dir=None,
-                judge: Callable[[], Any] | None = None, judge_template: str = "auto",
-                judge_cutoff_len: int = JUDGE_CUTOFF_LEN, chunk_base: int = 0) -> RefineOutcome:
-    """Refines jobs through the deployment handle: cached, bounded, timed out, re-judged (in this process).
-
-    Args:
-        jobs: Dicts with ``sample_id``, ``operation`` (simplify|improve|synthesize), ``instruction``,
-            ``input``, ``output`` and ``hints`` (synthesize: the 2 neighbour prompts).
-        handle: DeploymentHandle of the refiner app (:func:`middo_ray.serve_apps.start_refiner`).
-        cfg: The ``refine`` config section.
-        seed: Seed of the requests; each request's seed is derived from it, so reruns ask the same questions.
-        cache_dir: Directory of the LLM-call cache; None or ``cfg.cache = false`` disables caching.
-        judge: Returns the handle of the app that re-judges rewrites; called only when there is a rewrite
-            to judge. None = the refiner app judges (``refine.judge='teacher'``).
-        judge_template / judge_cutoff_len: Prompt template and token cap of the probability judge (the loop
-            passes the diagnosis' own, so a rewrite and its original are scored as the diagnosis scored it).
-        chunk_base: First chunk number of the request seeds (the refine stage gives each shard its own).
-
-    Returns:
-        A RefineOutcome with one result per job, in job order, and the counts.
-
-    Raises:
-        ValueError: A job is malformed, or cfg.judge_mode is not supported by the app's engine.
-        RuntimeError: A request failed in the service (dead replica): service death is fatal.
-    """
-    t0 = time.monotonic()
-    stats = _new_stats()
-    cache = LLMCallCache(cache_dir) if (cache_dir is not None and cfg.cache) else None
-    results = rewrite_jobs(jobs, handle, cfg, seed, cache, stats, chunk_base)
-    if cfg.accept != "none" and any(r["status"] == "ok" for r in results):
-        rejudge(jobs, results, judge() if judge is not None else handle, cfg, seed, cache, stats, judge_template,
-                judge_cutoff_len, chunk_base)
-    counts = {**outcome_counts(jobs, results, cfg, stats), "seconds": round(time.monotonic() - t0, 3)}
-    log.info("refine: %s", counts)
-    return RefineOutcome(results=results, counts=counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,3 +274,8 @@ def _info(finals: list[dict], rewrites: list[dict], cfg: RefineConfig, seconds: 
 def load(stage_dir: str) -> StageResult:
     info = read_record(stage_dir)
     return StageResult(info, ShardSet.from_json(info["shards"]["results"]))
+
+
+__all__ = ["CHUNK_STRIDE", "JOB_KEYS", "JUDGE_CUTOFF_LEN", "JudgeShards", "RESULT_SCHEMA", "RefineOutcome",
+           "RewriteShards", "accept_rewrite", "build_jobs", "load", "plan_requests", "read_results", "refine_jobs",
+           "rejudge", "request_seed", "rewrite_jobs", "run"]

@@ -1,0 +1,203 @@
+"""Rewriting and re-judging a list of jobs through the apps' deployment handles: what one shard's workers do,
+also usable on its own (:func:`refine_jobs`). Cached, bounded in flight, timed out; a rewrite the judge scores
+below its original (``refine.accept``) fails and the original is kept."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from middo_ray.config import RefineConfig
+from middo_ray.llmcalls import Call, LLMCallCache, app_info, checked_results, run_calls
+from middo_ray.refine.jobs import _check_jobs, plan_requests
+from middo_ray.wire import RefineResult
+
+log = logging.getLogger("middo")
+
+JUDGE_CUTOFF_LEN = 1024
+
+
+@dataclass
+class RefineOutcome:
+    """What refining a list of jobs produced.
+
+    Attributes:
+        results: One RefineResult dict per job, in job order (``sample_id`` and ``status`` always set).
+        counts: ``{"jobs", "ok", "failed", "requests", "seconds", "by_operation": {op: {"ok", "failed"}},
+            "cache_hits", "cache_misses", "timeouts", "accept", "judged", "rejected", "judge_requests"}``
+            (cache hits/misses count requests, refine and judge together; ``judged``/``rejected`` count items).
+    """
+
+    results: list[dict[str, Any]]
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"cache_hits": 0, "cache_misses": 0, "timeouts": 0, "judged": 0, "rejected": 0, "judge_requests": 0,
+            "requests": 0}
+
+
+def rewrite_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
+                 stats: dict, chunk_base: int = 0, max_in_flight: int | None = None) -> list[dict]:
+    """The teacher's answer to every job (RefineResult dicts in job order; a timed-out request fails its items)."""
+    _check_jobs(jobs)
+    plan = plan_requests(jobs, cfg, seed, chunk_base)
+    stats["requests"] += len(plan)
+    results: list[dict | None] = [None] * len(jobs)
+    if not plan:
+        return []
+    ident = app_info(handle, "refiner")
+    calls = [Call("refine", request, f"refine request ({request['operation']}, {len(positions)} samples, "
+                                     f"first id {request['samples'][0]['sample_id']})") for positions, request in plan]
+    run_calls(handle, calls, max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache, ident, stats)
+    for (positions, request), call in zip(plan, calls):
+        if call.error:
+            for pos in positions:
+                results[pos] = RefineResult(sample_id=jobs[pos]["sample_id"], status="failed",
+                                            reason=f"{call.error}; original kept").model_dump()
+            continue
+        got = checked_results(call, [s["sample_id"] for s in request["samples"]])
+        for pos, res in zip(positions, got):
+            results[pos] = RefineResult.model_validate(res).model_dump()
+    return results  # type: ignore[return-value]
+
+
+def _judge_mode(cfg: RefineConfig, ident: dict) -> str:
+    modes = ident.get("judge_modes") or ["generate"]
+    if cfg.judge_mode == "auto":
+        return "prob" if "prob" in modes else "generate"
+    if cfg.judge_mode not in modes:
+        raise ValueError(f"refine.judge_mode='{cfg.judge_mode}' but the refiner's engine '{ident.get('engine')}' "
+                         f"supports only {modes}; set refine.judge_mode='auto'")
+    return cfg.judge_mode
+
+
+def accept_rewrite(cfg: RefineConfig, before: float | None, after: float | None) -> str | None:
+    """Why a judged rewrite is rejected under ``cfg.accept``, or None when it is kept.
+
+    A rewrite the judge could not score is rejected (the original is the safe choice); an original
+    without a score cannot be compared, so under 'not_worse' its rewrite is kept.
+    """
+    if cfg.accept == "none":
+        return None
+    if after is None:
+        return "the re-judge gave the rewrite no score"
+    if cfg.accept == "min_score":
+        if after < cfg.accept_min_score:
+            return f"judged quality {after:.2f} < refine.accept_min_score {cfg.accept_min_score:g}"
+        return None
+    if before is not None and after < before - cfg.accept_tolerance:
+        tol = f" - tolerance {cfg.accept_tolerance:g}" if cfg.accept_tolerance else ""
+        return f"judged quality {after:.2f} < original's {before:.2f}{tol} (refine.accept=not_worse)"
+    return None
+
+
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _judge_calls(jobs: list[dict], results: list[dict], positions: list[int], cfg: RefineConfig, seed: int,
+                 mode: str, template: str, cutoff_len: int, chunk_base: int) -> list[tuple[list[int], Call]]:
+    calls = []
+    for chunk, start in enumerate(range(0, len(positions), cfg.batch_size)):
+        part = positions[start:start + cfg.batch_size]
+        samples = []
+        for i in part:
+            job, res = jobs[i], results[i]
+            samples.append({"sample_id": f"{job['sample_id']}:before", "instruction": job["instruction"],
+                            "input": job.get("input") or "", "output": job.get("output") or ""})
+            samples.append({"sample_id": f"{job['sample_id']}:after", "instruction": res["instruction"],
+                            "input": res.get("input") or "", "output": res["output"]})
+        request = {"samples": samples, "mode": mode, "template": template, "cutoff_len": cutoff_len,
+                   "sampling": {"max_new_tokens": 8, "temperature": 0.1, "top_p": 1.0,
+                                "seed": (int(seed) * 7_919 + (chunk_base + chunk) * 104_729 + 17) % (2**31 - 1)}}
+        what = f"re-judge request ({len(part)} rewrites, first id {jobs[part[0]]['sample_id']})"
+        calls.append((part, Call("judge", request, what)))
+    return calls
+
+
+def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
+            stats: dict, template: str = "auto", cutoff_len: int = JUDGE_CUTOFF_LEN, chunk_base: int = 0,
+            max_in_flight: int | None = None) -> None:
+    """Judges every ok rewrite with its original and turns rejected ones into failures (in place)."""
+    positions = [i for i, r in enumerate(results) if r["status"] == "ok"]
+    if cfg.accept == "none" or not positions:
+        return
+    ident = app_info(handle, "judge")
+    stats["judge_model"], stats["judge_revision"] = ident.get("model"), ident.get("revision")
+    calls = _judge_calls(jobs, results, positions, cfg, seed, _judge_mode(cfg, ident), template, cutoff_len,
+                         chunk_base)
+    stats["judge_requests"] += len(calls)
+    run_calls(handle, [c for _, c in calls], max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache,
+              ident, stats)
+    for part, call in calls:
+        if call.error:
+            for i in part:
+                results[i] = _failed(results[i], f"re-judge failed: {call.error}; original kept")
+            continue
+        got = checked_results(call, [s["sample_id"] for s in call.request["samples"]])
+        for k, i in enumerate(part):
+            before, after = _finite(got[2 * k].get("quality")), _finite(got[2 * k + 1].get("quality"))
+            stats["judged"] += 1
+            why = accept_rewrite(cfg, before, after)
+            if why is not None:
+                stats["rejected"] += 1
+                results[i] = _failed(results[i], f"rejected by re-judge: {why}; original kept")
+            results[i]["quality_before"], results[i]["quality_after"] = before, after
+
+
+def _failed(result: dict, reason: str) -> dict:
+    """A failed copy of a result (no texts, as the wire contract says), keeping id and attempts."""
+    return RefineResult(sample_id=result.get("sample_id"), status="failed", reason=reason,
+                        attempts=int(result.get("attempts") or 0),
+                        quality_before=result.get("quality_before"),
+                        quality_after=result.get("quality_after")).model_dump()
+
+
+def outcome_counts(jobs: list[dict], results: list[dict], cfg: RefineConfig, stats: dict) -> dict:
+    by_op: dict[str, dict[str, int]] = {}
+    for job, res in zip(jobs, results):
+        slot = by_op.setdefault(job["operation"], {"ok": 0, "failed": 0})
+        slot[res["status"]] += 1
+    return {"jobs": len(jobs), "ok": sum(v["ok"] for v in by_op.values()),
+            "failed": sum(v["failed"] for v in by_op.values()), "by_operation": by_op, "accept": cfg.accept, **stats}
+
+
+def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache_dir=None,
+                judge: Callable[[], Any] | None = None, judge_template: str = "auto",
+                judge_cutoff_len: int = JUDGE_CUTOFF_LEN, chunk_base: int = 0) -> RefineOutcome:
+    """Refines jobs through the deployment handle: cached, bounded, timed out, re-judged (in this process).
+
+    Args:
+        jobs: Dicts with ``sample_id``, ``operation`` (simplify|improve|synthesize), ``instruction``,
+            ``input``, ``output`` and ``hints`` (synthesize: the 2 neighbour prompts).
+        handle: DeploymentHandle of the refiner app (:func:`middo_ray.serve_apps.start_refiner`).
+        cfg: The ``refine`` config section.
+        seed: Seed of the requests; each request's seed is derived from it, so reruns ask the same questions.
+        cache_dir: Directory of the LLM-call cache; None or ``cfg.cache = false`` disables caching.
+        judge: Returns the handle of the app that re-judges rewrites; called only when there is a rewrite
+            to judge. None = the refiner app judges (``refine.judge='teacher'``).
+        judge_template / judge_cutoff_len: Prompt template and token cap of the probability judge (the loop
+            passes the diagnosis' own, so a rewrite and its original are scored as the diagnosis scored it).
+        chunk_base: First chunk number of the request seeds (the refine stage gives each shard its own).
+
+    Returns:
+        A RefineOutcome with one result per job, in job order, and the counts.
+
+    Raises:
+        ValueError: A job is malformed, or cfg.judge_mode is not supported by the app's engine.
+        RuntimeError: A request failed in the service (dead replica): service death is fatal.
+    """
+    t0 = time.monotonic()
+    stats = _new_stats()
+    cache = LLMCallCache(cache_dir) if (cache_dir is not None and cfg.cache) else None
+    results = rewrite_jobs(jobs, handle, cfg, seed, cache, stats, chunk_base)
+    if cfg.accept != "none" and any(r["status"] == "ok" for r in results):
+        rejudge(jobs, results, judge() if judge is not None else handle, cfg, seed, cache, stats, judge_template,
+                judge_cutoff_len, chunk_base)
+    counts = {**outcome_counts(jobs, results, cfg, stats), "seconds": round(time.monotonic() - t0, 3)}
+    log.info("refine: %s", counts)
+    return RefineOutcome(results=results, counts=counts)
