@@ -47,6 +47,7 @@ class LoopState:
     stop: bool = False
     reason: str = ""
     sizes: list[int] = field(default_factory=list)
+    datasets: list[ShardSet] = field(default_factory=list)  # D_0, D_1, ...
 
 
 def _round_zero(run: Run) -> LoopState:
@@ -56,7 +57,7 @@ def _round_zero(run: Run) -> LoopState:
     model = r0.run("train", train, cfg.train, {"dataset": d.train, "init_model": cfg.model.base}).output
     metrics = r0.run("eval", evaluate, cfg.eval, {"model": model, "heldout": d.heldout}).info
     r0.write_manifest(rows=d.train.total)
-    return LoopState(d, d.train, [model], [metrics], sizes=[d.train.total])
+    return LoopState(d, d.train, [model], [metrics], sizes=[d.train.total], datasets=[d.train])
 
 
 def _next_round(run: Run, st: LoopState, apps: ServeApps) -> dict:
@@ -82,6 +83,7 @@ def _next_round(run: Run, st: LoopState, apps: ServeApps) -> dict:
     st.k, st.dataset, st.diagnosis = k, merged, diag
     st.models.append(model)
     st.sizes.append(merged.total)
+    st.datasets.append(merged)
     log.info("round %d done: %s = %s (before: %s)%s", k, cfg.eval.metric, metrics.get(cfg.eval.metric),
              st.history[-2].get(cfg.eval.metric), f"; stopping: {st.reason}" if st.stop else "")
     return r.write_manifest(
@@ -99,7 +101,7 @@ def _finish(run: Run, st: LoopState, t_start: float) -> dict:
     best = best_round(st.history, cfg.eval.metric)
     d = st.data
     out = write_final(run.final_dir, st.dataset, d.format, d.style, d.source)
-    best_dir = storage.join(run.root, f"round_{best}", "merge", "dataset") if best else d.train.root
+    best_dir = st.datasets[best].root
     summary = {
         "run_id": cfg.run.run_id, "run_dir": run.root, "rounds": st.k, "stop_reason": st.reason,
         "metric": cfg.eval.metric, "history": st.history, "best_round": best, "best_dataset": best_dir,
