@@ -219,7 +219,7 @@ def main() -> None:
     bench_direct(engine, _prompts(4), 2, args.batch_rows, args.max_tokens)  # warm-up
 
     # vLLM apps: an ingress replica plus an LLM replica and its engine bundle each (logical CPUs).
-    ray.init(num_cpus=max(8 if vllm else 4, int(args.num_cpus) + 2), log_to_driver=False,
+    ray.init(address="local", num_cpus=max(8 if vllm else 4, int(args.num_cpus) + 2), log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("MIDDO_CACHE", "MIDDO_TORCH_THREADS")
                                        if k in os.environ}})
     port = _free_port()

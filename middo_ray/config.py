@@ -395,7 +395,9 @@ class ConvergeConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="Ray address; None joins a running cluster when one is set up, else starts local Ray.")
+    address: str | None = Field(None, description="Ray address to join (RAY_ADDRESS also works; inside `ray job submit` it is set); "
+                                     "'auto' joins the cluster `ray start` runs on this machine; None starts a local "
+                                     "Ray of the run's own.")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (declaring more than the cores avoids actor-pool stalls).")
 
 

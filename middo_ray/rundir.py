@@ -191,7 +191,8 @@ class Round:
 
 
 def init_ray(cfg: MiddoConfig) -> None:
-    """Joins the cluster the job runs on (RAY_ADDRESS or ray.address), else starts a local Ray."""
+    """Joins the cluster the job runs on (RAY_ADDRESS or ray.address, e.g. 'auto'), else starts a local Ray of the
+    run's own (never a cluster some other `ray start` left on the machine)."""
     import ray
 
     if ray.is_initialized():
@@ -207,4 +208,6 @@ def init_ray(cfg: MiddoConfig) -> None:
     # the run's own the workers do all of the run's work and the daemons idle, and at nice 15 the workers
     # lose about 10% to them on a small machine (benchmarks/diagnose.py): they run at normal priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None)
+    # address="local": a Ray of the run's own. Without it ray.init joins whatever cluster the machine's last
+    # `ray start` recorded in /tmp/ray (someone else's, or a dead one whose file a crash left behind).
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None)

@@ -43,7 +43,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, log_to_driver=False,
                  runtime_env={"env_vars": {"MIDDO_CACHE": os.environ.get("MIDDO_CACHE", "")}}
                  if os.environ.get("MIDDO_CACHE") else None)
     from ray.data import DataContext

@@ -1,6 +1,7 @@
 """The loop on local Ray with the tiny model: run directory contract, rejects, and resume."""
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -79,3 +80,26 @@ def test_resume_refuses_a_changed_config(tmp_path):
     cfg.select.quality_m = 2.0
     with pytest.raises(ValueError, match="sections: select"):
         Run(cfg).open()
+
+
+def test_the_loops_ray_is_its_own_even_where_a_cluster_file_names_another(tmp_path):
+    """A `ray start` of someone else's, or a crashed one's stale file in Ray's temp dir, would make a bare
+    ray.init() join that cluster (and refuse num_cpus). The loop's init_ray starts a Ray of its own."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+        code = ("import ray\nfrom middo_ray.config import build_config\nfrom middo_ray.rundir import init_ray\n"
+                "init_ray(build_config({'ray': {'num_cpus': 1}}))\nprint('CPUS', ray.cluster_resources()['CPU'])\n")
+        root = Path(__file__).resolve().parents[2]
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, RAY_TMPDIR=str(temp), PYTHONPATH=str(root)))
+        assert proc.returncode == 0 and "CPUS 1.0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
