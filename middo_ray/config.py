@@ -140,6 +140,22 @@ class RefineConfig(ServeSettings, _Section):
                                                      "shard at a time each; refine.max_concurrency is shared by them.")
     cache: bool = Field(True, description="Cache LLM calls by content (request, model, revision, sampling) in the run "
                                           "directory, so a rerun or resumed run repeats none.")
+    # GPUs between phases.
+    gpu_handoff: Literal["keep", "release", "sleep"] = Field(
+        "keep", description="What the teacher app does with its GPUs while Ray Train trains: 'keep' holds them "
+                            "(training needs GPUs beside the teacher's), 'release' deletes the teacher and judge apps "
+                            "before training and deploys them again at the next refine (training gets every GPU; "
+                            "the reload seconds go into the round's manifest), 'sleep' puts a vLLM teacher to sleep "
+                            "(refine.sleep_level) through training and wakes it after; its replicas then hold only "
+                            "refine.sleep_gpu_share of a GPU each, so training workers land on the same GPUs "
+                            "(docs/gpu-handoff.md).")
+    sleep_level: Literal[1, 2] = Field(
+        1, description="gpu_handoff='sleep': vLLM sleep level (1: weights to CPU memory, KV cache dropped; 2: both "
+                       "dropped, weights reloaded from disk on wake).")
+    sleep_gpu_share: float = Field(
+        0.01, gt=0, lt=0.5, description="gpu_handoff='sleep': the logical GPU share a sleeping teacher replica holds "
+                                        "(what Ray accounts); every GPU worker of the loop asks for the rest of a "
+                                        "GPU, so exactly one lands beside each teacher replica.")
     # The Serve deployment.
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
@@ -168,6 +184,17 @@ class RefineConfig(ServeSettings, _Section):
         if self.max_new_tokens > self.max_new_tokens_limit:
             problems.append(f"refine.max_new_tokens={self.max_new_tokens} exceeds refine.max_new_tokens_limit="
                             f"{self.max_new_tokens_limit}; raise the limit or lower max_new_tokens")
+        if self.gpu_handoff == "sleep" and self.engine == "openai":
+            problems.append("refine.gpu_handoff=sleep: engine 'openai' runs outside this cluster and holds none of "
+                            "its GPUs; use gpu_handoff=keep")
+        if self.gpu_handoff == "sleep" and self.gpus_per_replica > 1:
+            problems.append("refine.gpu_handoff=sleep shares each teacher replica's GPU with one training worker "
+                            "and needs refine.gpus_per_replica <= 1 (tensor parallelism over several GPUs leaves "
+                            "memory on each after sleep); use gpu_handoff=release")
+        if self.gpu_handoff == "sleep" and (self.autoscale or self.num_replicas != 1):
+            problems.append("refine.gpu_handoff=sleep needs one teacher replica (refine.num_replicas=1, no "
+                            "autoscale): Ray packs several replicas' GPU shares onto one GPU; use "
+                            "gpu_handoff=release for more replicas")
         if self.autoscale and self.min_replicas > self.max_replicas:
             problems.append("refine.min_replicas must not exceed refine.max_replicas")
         if problems:
@@ -210,6 +237,10 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = Field(
         100, ge=0, description="Write a resumable checkpoint (model, optimizer, scheduler, step, RNG, data position) "
                                "every this many optimizer steps; 0 = only the final model.")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend of the workers: 'auto' = NCCL when they hold GPUs, gloo "
+                            "otherwise (Ray Train's rule); 'gloo' on GPU workers for debugging, or where the nodes "
+                            "declare GPUs that torch cannot use (a simulated cluster).")
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts after a worker dies, each from the last checkpoint (-1 = unlimited).")
     max_steps: int | None = Field(
@@ -427,7 +458,17 @@ class MiddoConfig(_Section):
             raise ValueError("refine.judge_engine='vllm' serves each round's checkpoint, but train.lora_save=adapter "
                              "saves adapters vLLM cannot load as a model; set train.lora_save=merged or "
                              "refine.judge_engine=transformers")
+        if self.refine.gpu_handoff == "sleep" and self.refine.gpus_per_replica <= 0:
+            raise ValueError("refine.gpu_handoff=sleep hands the teacher's GPU to training, but "
+                             "refine.gpus_per_replica is 0 (the teacher holds no GPU); set gpus_per_replica=1 "
+                             "or gpu_handoff=keep")
         return self
+
+    @property
+    def gpu_worker_share(self) -> float:
+        """The GPU share each GPU worker of the loop asks for (diagnosis and evaluation actors, training workers):
+        a whole GPU, or with ``refine.gpu_handoff='sleep'`` the rest of the one a sleeping teacher holds a share of."""
+        return 1.0 - self.refine.sleep_gpu_share if self.refine.gpu_handoff == "sleep" else 1.0
 
 
 class ConfigError(ValueError):

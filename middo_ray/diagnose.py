@@ -232,7 +232,7 @@ def run(ctx: StageContext, cfg: DiagnoseConfig, inputs: dict) -> StageResult:
     dataset: ShardSet = inputs["dataset"]
     summaries = map_shards(_units(ctx, dataset, inputs.get("previous")), DiagnoseShards,
                            _worker_kwargs(ctx, cfg, inputs["model"]), what="diagnose",
-                           actors=node_pool(cfg.num_actors, cfg.cpus_per_actor))
+                           actors=node_pool(cfg.num_actors, cfg.cpus_per_actor, ctx.cfg.gpu_worker_share))
     t_pass = time.time() - t0
     signals = ShardSet(ctx.path("signals"), dataset.names, dataset.rows).save()
     embeddings = ShardSet(ctx.path("embeddings"), dataset.names, dataset.rows).save()

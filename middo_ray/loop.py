@@ -28,7 +28,7 @@ from middo_ray.converge import best_round, should_stop
 from middo_ray.final import write_final
 from middo_ray.rundir import Run, init_ray
 from middo_ray.schema import AXES
-from middo_ray.serve_apps import ServeApps
+from middo_ray.serve_apps import ServeApps, check_gpu_fit
 from middo_ray.storage import ShardSet
 
 log = logging.getLogger("middo")
@@ -76,6 +76,7 @@ def _next_round(run: Run, st: LoopState, apps: ServeApps) -> dict:
     merged = r.run("merge", merge, None, {"dataset": st.dataset, "results": results, "diagnosis": diag,
                                           "thresholds": sel.info["thresholds"]}).output
     init = st.models[-1] if cfg.train.from_previous else cfg.model.base
+    apps.hand_off()                                   # refine.gpu_handoff: the apps' GPUs during training
     model = r.run("train", train, cfg.train, {"dataset": merged, "init_model": init}).output
     metrics = r.run("eval", evaluate, cfg.eval, {"model": model, "heldout": st.data.heldout}).info
     st.history.append(metrics)
@@ -90,7 +91,8 @@ def _next_round(run: Run, st: LoopState, apps: ServeApps) -> dict:
         rows={"in": r.stages["merge"]["in"], "out": r.stages["merge"]["out"]},
         flags={a: counts[a]["flagged"] for a in AXES}, selection=counts, thresholds=sel.info["thresholds"],
         metric={cfg.eval.metric: metrics.get(cfg.eval.metric), "previous": st.history[-2].get(cfg.eval.metric)},
-        converge={"stop": st.stop, "reason": st.reason})
+        converge={"stop": st.stop, "reason": st.reason},
+        serve={"gpu_handoff": cfg.refine.gpu_handoff, "events": apps.take_events()})
 
 
 def _finish(run: Run, st: LoopState, t_start: float) -> dict:
@@ -117,6 +119,7 @@ def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], Any] | None = Non
     """Runs the loop to a stop rule and writes the final dataset; returns the summary."""
     run = Run(cfg).open()
     init_ray(cfg)
+    check_gpu_fit(cfg)
     t_start = time.time()
     with ServeApps(cfg) as apps:
         st = _round_zero(run)

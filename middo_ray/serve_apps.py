@@ -41,10 +41,64 @@ def _load_builder(path: str = APP_IMPORT_PATH):
 
 def refiner_args(cfg: MiddoConfig) -> dict[str, Any]:
     """Arguments of ``serve.app:build_app`` derived from the run config (the shared ServeSettings fields
-    pass unchanged)."""
+    pass unchanged). With ``refine.gpu_handoff='sleep'`` the replica asks Ray for ``refine.sleep_gpu_share``
+    of its GPU (it computes on the whole GPU while awake) and a vLLM engine is built able to sleep."""
     r = cfg.refine
-    return {"model": r.model or cfg.model.base, "dtype": cfg.model.dtype, "num_cpus": r.cpus_per_replica,
+    args = {"model": r.model or cfg.model.base, "dtype": cfg.model.dtype, "num_cpus": r.cpus_per_replica,
             "num_gpus": r.gpus_per_replica, **{k: getattr(r, k) for k in ServeSettings.model_fields}}
+    if r.gpu_handoff == "sleep":
+        args["num_gpus"] = r.sleep_gpu_share
+        if r.engine == "vllm":
+            args["vllm_engine_kwargs"] = {**r.vllm_engine_kwargs, "enable_sleep_mode": True}
+    return args
+
+
+def gpu_demand(cfg: MiddoConfig) -> dict[str, float]:
+    """Logical GPUs the loop holds at once in its two GPU-hungry phases, under ``refine.gpu_handoff``.
+
+    ``refine``: the teacher's replicas and the judge's (the judge app is deleted after each refine stage);
+    ``train``: the training workers, plus the teacher's replicas where they stay through training ('keep'
+    holds their GPUs, 'sleep' a share of one GPU each, 'release' nothing). Diagnosis and evaluation size
+    their actor pools to what is free, so they fit whatever is left.
+    """
+    r, t = cfg.refine, cfg.train
+    replicas = r.max_replicas if r.autoscale else r.num_replicas
+    teacher = 0.0 if r.engine == "openai" else replicas * float(refiner_args(cfg)["num_gpus"])
+    judge = r.judge_replicas * r.judge_gpus_per_replica if r.judge == "current" and r.accept != "none" else 0.0
+    workers = t.num_workers * cfg.gpu_worker_share if t.use_gpu else 0.0
+    kept = 0.0 if r.gpu_handoff == "release" else teacher
+    return {"refine": teacher + judge, "train": workers + kept, "teacher": teacher, "judge": judge,
+            "workers": workers}
+
+
+def check_gpu_fit(cfg: MiddoConfig, cluster_gpus: float | None = None) -> dict[str, float]:
+    """Refuses, before any work, a plan whose refine or train phase needs more GPUs than the cluster has
+    (Ray would wait for them for ever); returns :func:`gpu_demand`. ``cluster_gpus``: the connected Ray
+    cluster's when None. A cluster without GPUs is not checked."""
+    if cluster_gpus is None:
+        import ray
+
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+    need = gpu_demand(cfg)
+    if cluster_gpus <= 0:
+        return need
+    r = cfg.refine
+    problems = []
+    if need["train"] > cluster_gpus + 1e-9:
+        why = (f"{need['workers']:g} for the {cfg.train.num_workers} training worker(s)"
+               + (f" + {need['teacher']:g} the teacher app keeps through training (refine.gpu_handoff={r.gpu_handoff})"
+                  if r.gpu_handoff != "release" and need["teacher"] else ""))
+        fix = ("set refine.gpu_handoff=release (the teacher's GPUs go to training and back) or lower "
+               "train.num_workers" if r.gpu_handoff != "release" else "lower train.num_workers")
+        problems.append(f"training needs {need['train']:g} GPUs ({why}) but the cluster has {cluster_gpus:g}; {fix}")
+    if need["refine"] > cluster_gpus + 1e-9:
+        problems.append(f"the refine stage needs {need['refine']:g} GPUs at once (teacher {need['teacher']:g} + "
+                        f"judge {need['judge']:g}) but the cluster has {cluster_gpus:g}; lower refine.num_replicas, "
+                        f"refine.gpus_per_replica or refine.judge_gpus_per_replica")
+    if problems:
+        raise ValueError("GPU plan does not fit this cluster: " + "; ".join(problems)
+                         + " (a cluster that adds GPU nodes on demand: start it with them, or use gpu_handoff=release)")
+    return need
 
 
 def judge_args(cfg: MiddoConfig, model: str) -> dict[str, Any]:
@@ -159,29 +213,82 @@ def stop_apps(cfg: MiddoConfig) -> None:
 
 
 class ServeApps:
-    """The refiner and judge apps of one run, each deployed on first use; a context manager that stops both."""
+    """The refiner and judge apps of one run, each deployed on first use; a context manager that stops both.
+
+    ``refine.gpu_handoff`` decides what the teacher app does while Ray Train trains (:meth:`hand_off`, called
+    by the loop before each training): 'keep' leaves it up, 'release' deletes it (the next :meth:`teacher`
+    deploys it again), 'sleep' sends its engine to sleep (the next :meth:`teacher` wakes it). What each
+    hand-off cost is kept in :attr:`events` until the loop takes it into the round's manifest.
+    """
 
     def __init__(self, cfg: MiddoConfig):
         self.cfg = cfg
         self.teacher_up = False
+        self.teacher_asleep = False
+        self.teacher_deploys = 0
         self.judge_model: str | None = None
         self.judge_deploys: list[str] = []   # the models the judge app was deployed with, in order
+        self.events: list[dict[str, Any]] = []
+        self.serve_started = False           # Serve (and its proxy) started by this run, apps up or not
+
+    def _event(self, action: str, app: str, t0: float, where: bool = False) -> None:
+        event = {"action": action, "app": app, "seconds": round(time.monotonic() - t0, 3)}
+        if where:   # where the app's replica landed: its node and the GPUs Ray gave it
+            event["placement"] = self.handle(app).info.remote().result(timeout_s=60).get("placement")
+        self.events.append(event)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The deploys, releases, sleeps and wakes since the last call (for the round's manifest)."""
+        out, self.events = self.events, []
+        return out
 
     def teacher(self) -> str:
-        """The refiner app's name, deployed if it is not running yet."""
-        if not self.teacher_up:
+        """The refiner app's name: deployed if it is not running (again, after a release), woken if asleep."""
+        name = self.cfg.refine.app_name
+        t0 = time.monotonic()
+        if self.teacher_asleep:
+            log.info("refine: waking the refiner app")
+            self.handle(name).wake.remote().result(timeout_s=HEALTH_TIMEOUT_S)
+            self.teacher_asleep = False
+            self._event("wake", name, t0)
+        elif not self.teacher_up:
             log.info("refine: starting the refiner Serve app (%s)", self.cfg.refine.model or self.cfg.model.base)
             start_refiner(self.cfg)
-            self.teacher_up = True
-        return self.cfg.refine.app_name
+            self.teacher_up = self.serve_started = True
+            self._event("redeploy" if self.teacher_deploys else "deploy", name, t0, where=True)
+            self.teacher_deploys += 1
+        return name
+
+    def hand_off(self) -> None:
+        """Before training: frees the GPUs of the apps per ``refine.gpu_handoff`` (the judge is already gone)."""
+        mode, name = self.cfg.refine.gpu_handoff, self.cfg.refine.app_name
+        self.release_judge()
+        if mode == "keep" or not self.teacher_up or self.teacher_asleep:
+            return
+        from ray import serve as ray_serve
+
+        t0 = time.monotonic()
+        if mode == "release":
+            log.info("train: deleting the refiner app so training gets its GPUs (refine.gpu_handoff=release)")
+            ray_serve.delete(name)
+            self.teacher_up = False
+            self._event("release", name, t0)
+        else:
+            log.info("train: the refiner app sleeps through training (refine.gpu_handoff=sleep, level %d)",
+                     self.cfg.refine.sleep_level)
+            self.handle(name).sleep.remote(self.cfg.refine.sleep_level).result(timeout_s=HEALTH_TIMEOUT_S)
+            self.teacher_asleep = True
+            self._event("sleep", name, t0)
 
     def judge(self, model: str) -> str:
         """The judge app's name, (re)deployed to serve ``model``."""
         if self.judge_model != model:
             log.info("refine: judge app now serves %s", model)
+            t0 = time.monotonic()
             start_judge(self.cfg, model)
-            self.judge_model = model
+            self.judge_model, self.serve_started = model, True
             self.judge_deploys.append(model)
+            self._event("deploy", judge_app_name(self.cfg), t0, where=True)
         return judge_app_name(self.cfg)
 
     @staticmethod
@@ -196,13 +303,17 @@ class ServeApps:
         if self.judge_model is not None:
             from ray import serve as ray_serve
 
+            t0 = time.monotonic()
             ray_serve.delete(judge_app_name(self.cfg))
             self.judge_model = None
+            self._event("release", judge_app_name(self.cfg), t0)
 
     def stop(self) -> None:
-        if self.teacher_up or self.judge_model is not None:
+        """Deletes our apps and, when no other app is left, Serve itself (also after a release left none up:
+        Serve and its HTTP proxy were still started by this run)."""
+        if self.teacher_up or self.judge_model is not None or self.serve_started:
             stop_apps(self.cfg)
-            self.teacher_up, self.judge_model = False, None
+            self.teacher_up, self.teacher_asleep, self.judge_model, self.serve_started = False, False, None, False
 
     def __enter__(self) -> "ServeApps":
         return self

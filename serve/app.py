@@ -48,6 +48,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+import ray
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -197,7 +198,10 @@ class Refiner:
         self._info = {**describe(self._engine), "logic_version": logic.logic_version(),
                       "limits": {"max_samples_per_request": a.max_samples_per_request,
                                  "max_new_tokens": self._token_limit, "max_body_bytes": a.max_body_bytes},
-                      "auth": bool(api_key_digest)}
+                      "auth": bool(api_key_digest),
+                      # Where this replica runs, and the GPUs Ray gave it (the vLLM engine's own are its deployment's).
+                      "placement": {"node_id": ray.get_runtime_context().get_node_id(),
+                                    "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}}
         logger.info("refiner replica ready: engine=%s model=%s auth=%s", a.engine, self._engine.model_id,
                     bool(api_key_digest))
 
@@ -400,6 +404,28 @@ class Refiner:
                 return JSONResponse(status_code=503, content={"status": "unhealthy", "model": self._engine.model_id,
                                                               "reason": f"engine check failed: {type(exc).__name__}"})
         return {"status": "ok", "model": self._engine.model_id}
+
+    async def sleep(self, level: int = 1) -> dict:
+        """Handle method (refine.gpu_handoff='sleep'): frees the engine's GPU memory until :meth:`wake`.
+
+        Waits for the computation in progress; the replica keeps its Ray resources (the loop sized them to a
+        share of the GPU), only the memory is handed over.
+        """
+        fn = getattr(self._engine, "sleep", None)
+        if fn is None:
+            raise RuntimeError(f"engine '{self._args.engine}' cannot sleep; use refine.gpu_handoff=release")
+        async with self._compute:
+            await fn(int(level))
+            self._asleep = True
+        return {"asleep": True, "level": int(level)}
+
+    async def wake(self) -> dict:
+        """Handle method: the engine's weights (and vLLM's KV cache) back on the GPU."""
+        if getattr(self, "_asleep", False):
+            async with self._compute:
+                await self._engine.wake()
+                self._asleep = False
+        return {"asleep": False}
 
     async def info(self) -> dict:
         """Handle method: engine, model, revision, judge modes, logic version, limits (for cache keys)."""

@@ -325,7 +325,9 @@ def _pool_options(cfg: MiddoConfig) -> dict[str, Any]:
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus > 0:
-        return {"compute": ray.data.ActorPoolStrategy(size=cfg.eval.num_actors or gpus), "num_gpus": 1}
+        share = cfg.gpu_worker_share       # a whole GPU, or the rest of a sleeping teacher's
+        return {"compute": ray.data.ActorPoolStrategy(size=cfg.eval.num_actors or int(gpus / share)),
+                "num_gpus": share}
     # Fractional CPUs: a whole-CPU actor pool next to other stages stalls on 2-CPU machines.
     return {"compute": ray.data.ActorPoolStrategy(size=cfg.eval.num_actors or 1),
             "num_cpus": cfg.eval.cpus_per_actor}

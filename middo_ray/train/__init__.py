@@ -124,16 +124,25 @@ def _dataset(rows: ShardSet | list[dict]):
                                 for r in rows])
 
 
+def _worker_resources(cfg: MiddoConfig) -> dict[str, float]:
+    """What each training worker reserves: its CPUs and, on GPUs, a whole GPU or (``refine.gpu_handoff='sleep'``)
+    the rest of the one whose share the sleeping teacher holds."""
+    res = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        res["GPU"] = cfg.gpu_worker_share
+    return res
+
+
 def _fit(cfg: MiddoConfig, rows, storage: str, name: str, init_model: str):
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config(cfg, init_model),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=_worker_resources(cfg)),
+        torch_config=TorchConfig(backend=None if cfg.train.backend == "auto" else cfg.train.backend),
         run_config=ray.train.RunConfig(
             storage_path=storage, name=name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -172,6 +181,7 @@ def _result(model_dir: Path, summary: dict, t0: float) -> dict:
         "exact_resume": bool(summary.get("exact_resume", True)),
         "method": summary.get("method"), "strategy": summary.get("strategy"),
         "precision": summary.get("precision"), "world_size": summary.get("world_size"),
+        "placement": list(summary.get("placement") or []),
         "train_seconds": float(summary.get("train_seconds", 0.0)),
         "step_seconds": [float(x) for x in summary.get("step_seconds", [])],
         "step_input_tokens": [int(x) for x in summary.get("step_input_tokens", [])],

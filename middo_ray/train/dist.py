@@ -37,6 +37,17 @@ def _all_reduce(values: list[float], dtype_name: str, op: str = "sum") -> list:
     return t.cpu().tolist()
 
 
+def gather_objects(obj: Any) -> list:
+    """Every worker's ``obj``, in rank order (small picklable values); ``[obj]`` alone."""
+    import torch.distributed as dist
+
+    if not _dist_on():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _all_reduce_list(values: list[int], op: str = "sum") -> list[int]:
     return [int(v) for v in _all_reduce(values, "long", op)]
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from middo_ray.train.checkpoint import SUMMARY_FILE, _load_checkpoint, _report, _save_checkpoint, _save_final
 from middo_ray.train.dist import (_all_reduce_floats, _all_reduce_list, _forward_module, _grad_sync, _keep_from,
-                                  _shard_fsdp, apply_lora)
+                                  _shard_fsdp, apply_lora, gather_objects)
 from middo_ray.train.plan import (MAX_GRAD_NORM, collate, plan_batches, plan_fingerprint, resolve_precision,
                                   response_nll_sum, row_key, window_token_counts)
 
@@ -145,7 +145,7 @@ def _prepare(model, config: dict[str, Any], device, total_steps: int, rank: int,
         if rank == 0:
             _log(f"FSDP2: {n_units} decoder layers + root sharded over {world} worker(s)")
     else:
-        model = ray.train.torch.prepare_model(model)
+        model = ray.train.torch.prepare_model(model, move_to_device=device)   # the worker's own device
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -286,7 +286,10 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _setup_threads(ctx, config)
-    device = ray.train.torch.get_device()
+    # Ray hands a GPU worker a CUDA device whenever it was given a GPU; where torch sees none (nodes that
+    # only declare GPUs, as a simulated cluster does) the worker computes on its CPU.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     restored = ray.train.get_checkpoint()
     if _report_finished(restored, rank):
         return
@@ -317,6 +320,9 @@ def train_loop(config: dict[str, Any]) -> None:
         "resumed_from": state["resumed_from"], "exact_resume": state["exact_resume"],
         "method": config["method"], "strategy": config["strategy"], "precision": precision,
         "world_size": world, "final": True,
+        # Where each worker ran: its node and the GPUs Ray gave it (what a GPU hand-off is checked by).
+        "placement": gather_objects({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                     "gpu_ids": gpu_ids}),
     }
     final_dir = _save_final(model, tok, config, summary, rank)
     # Per-step lists stay in the checkpoint's summary file; Ray's result metrics get the scalars.

@@ -99,6 +99,23 @@ class TransformersEngine(_LocalModel):
         # which would otherwise start with Ray's OMP_NUM_THREADS (often 1). Re-applied in every call.
         self._threads = torch.get_num_threads()
 
+    async def sleep(self, level: int = 1) -> None:
+        """Frees the GPU until :meth:`wake` (refine.gpu_handoff='sleep'): the weights move to CPU memory at
+        either level (a model this engine serves fits there), and CUDA's cached blocks are returned."""
+        import asyncio
+
+        import torch
+
+        await asyncio.to_thread(self._model.to, "cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    async def wake(self) -> None:
+        """Moves the weights back to the device they were loaded on."""
+        import asyncio
+
+        await asyncio.to_thread(self._model.to, self._device)
+
     def _use_threads(self) -> None:
         import torch
 

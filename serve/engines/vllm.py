@@ -137,6 +137,16 @@ class VLLMEngine(_LocalModel):
         """Raises when the vLLM engine is dead (Ray Serve LLM's own health check of the deployment)."""
         await self._llm.check_health.remote()
 
+    async def sleep(self, level: int = 1) -> None:
+        """Puts the vLLM engine to sleep (refine.gpu_handoff='sleep'; the deployment was built with
+        ``enable_sleep_mode``): level 1 moves the weights to CPU memory and drops the KV cache, level 2 drops
+        both (the weights are reloaded on wake)."""
+        await self._llm.sleep.remote(level=int(level))
+
+    async def wake(self) -> None:
+        """Wakes the vLLM engine (weights and KV cache back on the GPU)."""
+        await self._llm.wakeup.remote()
+
     async def agenerate_rows(self, rows: list[GenRow]) -> list[GenOut]:
         """Sends every row at once (vLLM schedules them); outputs in input order."""
         return list(await asyncio.gather(*(self._one(r) for r in rows)))
@@ -207,6 +217,10 @@ def vllm_deployment(model: str, dtype: str, engine_kwargs: dict[str, Any], deplo
     elif gpus > 1:
         # Ray Serve LLM places one GPU bundle per tensor-parallel worker.
         kwargs["tensor_parallel_size"] = int(gpus)
+    elif gpus < 1:
+        # A share of one GPU (refine.gpu_handoff='sleep'): Ray accounts only this share to the replica, so a
+        # training worker (asking for the rest) lands on the same GPU while the engine sleeps.
+        extra["placement_group_config"] = {"bundles": [{"CPU": 1, "GPU": float(gpus)}], "strategy": "PACK"}
     kwargs.update(engine_kwargs)
     config = LLMConfig(model_loading_config={"model_id": VLLM_SERVED_ID, "model_source": resolve_model(model)},
                        engine_kwargs=kwargs, deployment_config=deployment_config,

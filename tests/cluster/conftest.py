@@ -47,3 +47,13 @@ def cluster():
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+@pytest.fixture
+def gpu_node(cluster):
+    """One more worker node, with 2 CPUs and 1 logical GPU (Ray accounts it; torch sees no CUDA, so the work
+    placed on it computes on the CPU), removed after the test."""
+    node = cluster.add_node(num_cpus=WORKER_CPUS, num_gpus=1, **agent_ports())
+    cluster.wait_for_nodes()
+    yield node
+    cluster.remove_node(node)

@@ -26,27 +26,51 @@ from nodes import WORKER_CPUS, agent_ports, free_port  # noqa: E402
 pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 
-def test_demo_loop_runs_on_worker_nodes_and_reproduces_the_pinned_results(cluster, tmp_path):
-    """Two rounds of the demo loop on the cluster: every unit of every sharded stage ran on a worker node
-    (never the head), and signals, flags, refine results, D_1, D_2 and the final file equal the results
-    pinned from the driver-side loop on local Ray."""
+def gpu_tree(tmp_path: Path, handoff: str) -> dict:
+    """The demo case planned for one GPU: the teacher on it in the refine stage, one training worker on it in
+    training (gloo: torch sees no CUDA on a node that only declares its GPU)."""
+    tree = case_tree("demo", tmp_path, free_port())
+    tree["refine"].update(proxy_location="HeadOnly",     # one machine: proxies on every node would share the port
+                          gpus_per_replica=1, gpu_handoff=handoff)
+    tree["train"].update(use_gpu=True, backend="gloo")
+    return tree
+
+
+def test_demo_loop_on_worker_nodes_hands_the_gpu_to_training_and_reproduces_the_pinned_results(
+        cluster, gpu_node, tmp_path):
+    """Two rounds of the demo loop on the cluster, with one GPU that the teacher and training take in turn
+    (``refine.gpu_handoff=release``): every unit of every sharded stage ran on a worker node (never the
+    head); before each training the teacher app was deleted and every training ran on the teacher's GPU;
+    the second round's refine redeployed the teacher, which answered; and signals, flags, refine results,
+    D_1, D_2 and the final file equal the results pinned from the driver-side loop on local Ray (a hand-off
+    changes where work runs, never what it computes)."""
     from middo_ray.config import build_config
     from middo_ray.loop import run_loop
 
-    tree = case_tree("demo", tmp_path, free_port())
-    tree["refine"]["proxy_location"] = "HeadOnly"        # one machine: proxies on every node would share the port
-    run_loop(build_config(tree))
+    run_loop(build_config(gpu_tree(tmp_path, "release")))
     run = tmp_path / "demo"
     assert_same_as_golden(extract(run, 2), json.loads((GOLDEN / "demo.json").read_text()))
 
     head = cluster.head_node.node_id
-    workers = {n.node_id for n in cluster.worker_nodes_list}
+    workers = {n.node_id for n in cluster.worker_nodes_list} | {gpu_node.node_id}
     for record in sorted(run.glob("round_*/*/stage.json")):
         info = json.loads(record.read_text())
         if "nodes" in info:
             assert info["nodes"] and set(info["nodes"]) <= workers and head not in info["nodes"], record
     for k in (1, 2):
         assert len(json.loads((run / f"round_{k}" / "diagnose" / "stage.json").read_text())["nodes"]) >= 1
+
+    the_gpu = {"node_id": gpu_node.node_id, "gpu_ids": ["0"]}
+    for k in (0, 1, 2):
+        assert json.loads((run / f"round_{k}" / "train" / "stage.json").read_text())["placement"] == [
+            {"rank": 0, **the_gpu}], k
+    for k, first in ((1, "deploy"), (2, "redeploy")):
+        manifest = json.loads((run / f"round_{k}" / "manifest.json").read_text())
+        teacher = [e for e in manifest["serve"]["events"] if e["app"] == "middo-refiner"]
+        assert [e["action"] for e in teacher] == [first, "release"], manifest["serve"]
+        assert teacher[0]["placement"] == the_gpu and all(e["seconds"] >= 0 for e in teacher)
+        refine = json.loads((run / f"round_{k}" / "refine" / "stage.json").read_text())
+        assert refine["counts"]["requests"] > 0            # the (re)deployed teacher answered
 
 
 def test_node_lost_mid_diagnosis_leaves_every_row_exactly_once(cluster, tmp_path):
