@@ -145,17 +145,17 @@ class RefineConfig(ServeSettings, _Section):
         "keep", description="What the teacher app does with its GPUs while Ray Train trains: 'keep' holds them "
                             "(training needs GPUs beside the teacher's), 'release' deletes the teacher and judge apps "
                             "before training and deploys them again at the next refine (training gets every GPU; "
-                            "the reload seconds go into the round's manifest), 'sleep' puts a vLLM teacher to sleep "
-                            "(refine.sleep_level) through training and wakes it after; its replicas then hold only "
-                            "refine.sleep_gpu_share of a GPU each, so training workers land on the same GPUs "
-                            "(docs/gpu-handoff.md).")
+                            "the reload seconds go into the round's manifest), 'sleep' puts the teacher's engine to sleep "
+                            "(vLLM: refine.sleep_level; transformers: weights to CPU memory) through training and "
+                            "wakes it at the next refine; its one replica then holds only refine.sleep_gpu_share "
+                            "of its GPU, so a training worker lands on that GPU (docs/gpu-handoff.md).")
     sleep_level: Literal[1, 2] = Field(
         1, description="gpu_handoff='sleep': vLLM sleep level (1: weights to CPU memory, KV cache dropped; 2: both "
                        "dropped, weights reloaded from disk on wake).")
     sleep_gpu_share: float = Field(
         0.01, gt=0, lt=0.5, description="gpu_handoff='sleep': the logical GPU share a sleeping teacher replica holds "
                                         "(what Ray accounts); every GPU worker of the loop asks for the rest of a "
-                                        "GPU, so exactly one lands beside each teacher replica.")
+                                        "GPU, so exactly one lands beside the teacher replica.")
     # The Serve deployment.
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
