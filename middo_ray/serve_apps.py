@@ -58,8 +58,9 @@ def gpu_demand(cfg: MiddoConfig) -> dict[str, float]:
 
     ``refine``: the teacher's replicas and the judge's (the judge app is deleted after each refine stage);
     ``train``: the training workers, plus the teacher's replicas where they stay through training ('keep'
-    holds their GPUs, 'sleep' a share of one GPU each, 'release' nothing). Diagnosis and evaluation size
-    their actor pools to what is free, so they fit whatever is left.
+    holds their GPUs, 'sleep' a share of one GPU each, 'release' nothing). Diagnosis and evaluation ask for one
+    actor per GPU of the cluster; Ray Data starts the pool's actors as GPUs are free and works with those
+    that started, so a kept teacher only leaves some of them waiting.
     """
     r, t = cfg.refine, cfg.train
     replicas = r.max_replicas if r.autoscale else r.num_replicas
