@@ -64,10 +64,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # These modules import numpy and the project's pure prompt/row code only (checked by
 # tests/unit/test_gpu_check.py, which runs this script with Ray, pyarrow and pydantic made unimportable).
 from middo_ray.encode import encode_row  # noqa: E402
-from middo_ray.judge import judge_scores, judge_sequences, score_tokens  # noqa: E402
+from middo_ray.judge import judge_scores, judge_scores_full_prompts, judge_sequences  # noqa: E402
 from middo_ray.models import load_tokenizer  # noqa: E402
 from middo_ray.scoring import forward_scores, length_batches  # noqa: E402
-from middo_ray.signals.quality import expected_score  # noqa: E402
 
 GOALS = {"diagnosis_mfu": 0.40, "train_mfu": 0.35}
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
@@ -391,55 +390,6 @@ def part_diagnosis(s: Setup, deadline: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 # (b) the judge: shared prefix (KV cache) against full prompts.
 
-def full_prompt_judge(model, tok, rows: list[dict], cutoff: int, batch_tokens: int) -> np.ndarray:
-    """(N, 6) scores with one forward per judge prompt over exactly the ids ``judge_scores`` splits in two.
-
-    ``judge_sequences`` gives each row's body and the three tails; here body + tail runs as one right-padded
-    sequence, so any difference from ``judge_scores`` comes from the cache path, not from tokenization.
-    """
-    import torch
-
-    st = score_tokens(tok)
-    seqs, where = [], []
-    for t_idx, target in enumerate(("prompt", "response")):
-        bodies, tails = judge_sequences(rows, tok, TEMPLATE, cutoff, target)
-        if st.two_step_ten:      # the extra "1" gives P("0" | "1") at the last position
-            tails = [t + [st.digits[1]] for t in tails]
-        for i, body in enumerate(bodies):
-            for j, tail in enumerate(tails):
-                seqs.append(body + tail)
-                where.append((i, t_idx * len(tails) + j))
-    lengths = [len(x) for x in seqs]
-    first = np.zeros((len(seqs), 10))
-    ten = np.zeros(len(seqs)) if st.ten is not None else None
-    zero_after_one = np.zeros(len(seqs)) if st.two_step_ten else None
-    device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    digits = torch.tensor(st.digits, device=device)
-    with torch.inference_mode():
-        for batch in length_batches(lengths, batch_tokens):
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, :lengths[i]] = torch.tensor(seqs[i])
-                att[r, :lengths[i]] = 1
-            hidden = decoder(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
-            rows_t = torch.arange(len(batch), device=device)
-            last = torch.tensor([lengths[i] - 1 for i in batch], device=device)
-            probs = torch.softmax(head(hidden[rows_t, last - 1 if st.two_step_ten else last]).float(), dim=-1)
-            first[batch] = probs[:, digits].cpu().numpy()
-            if ten is not None:
-                ten[batch] = probs[:, st.ten].cpu().numpy()
-            if zero_after_one is not None:
-                after = torch.softmax(head(hidden[rows_t, last]).float(), dim=-1)
-                zero_after_one[batch] = after[:, st.digits[0]].cpu().numpy()
-    out = np.full((len(rows), 6), np.nan)
-    idx = np.asarray(where)
-    out[idx[:, 0], idx[:, 1]] = expected_score(first, zero_after_one, ten)
-    return out
-
-
 def judge_token_counts(tok, rows: list[dict], cutoff: int) -> dict:
     """Tokens each path pushes through the decoder (no padding) for the 6 judgements of every row."""
     shared = full = 0
@@ -477,7 +427,7 @@ def part_judge(s: Setup, deadline: float) -> dict:
     counts = judge_token_counts(s.tok, rows, cut)
     model = build_model(s, s.lo_dtype)
     judge_scores(model, s.tok, rows[:2], TEMPLATE, cut, bt)                 # warm-up
-    full_prompt_judge(model, s.tok, rows[:2], cut, bt)
+    judge_scores_full_prompts(model, s.tok, rows[:2], TEMPLATE, cut, bt)
     # The part's time: 40% to the shared path's repeats, then 60% of what is left to the full path's,
     # the rest to the fp32 check.
     dev.reset_peak()
@@ -485,14 +435,15 @@ def part_judge(s: Setup, deadline: float) -> dict:
                                      s.sizes.repeats, _fraction_of(deadline, 0.4))
     mem_shared = dev.peak()
     dev.reset_peak()
-    t_full, full = timed_repeats(functools.partial(full_prompt_judge, model, s.tok, rows, cut, bt), dev,
+    full_judge = functools.partial(judge_scores_full_prompts, model, s.tok, rows, TEMPLATE, cut, bt)
+    t_full, full = timed_repeats(full_judge, dev,
                                  s.sizes.repeats, _fraction_of(deadline, 0.6))
     mem_full = dev.peak()
     del model
     dev.free()
     model32 = build_model(s)
     shared32 = judge_scores(model32, s.tok, exact_rows, TEMPLATE, cut, bt)
-    full32 = full_prompt_judge(model32, s.tok, exact_rows, cut, bt)
+    full32 = judge_scores_full_prompts(model32, s.tok, exact_rows, TEMPLATE, cut, bt)
     del model32
     body = s.params - s.head_params
     judgements = 6 * len(rows)

@@ -27,51 +27,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from middo_ray.judge import judge_scores, score_tokens  # noqa: E402
-from middo_ray.encode import render_prompt  # noqa: E402
-from middo_ray.io import read_dataset, resolve_data_path  # noqa: E402
+from middo_ray.judge import judge_scores, judge_scores_full_prompts, judge_sequences  # noqa: E402
+from middo_ray.demo import resolve as resolve_data_path  # noqa: E402
+from middo_ray.io import read_dataset  # noqa: E402
 from middo_ray.models import load_model  # noqa: E402
-from middo_ray.prompts import judge_prompt  # noqa: E402
-from middo_ray.schema import JUDGE_DIMENSIONS  # noqa: E402
-from middo_ray.scoring import length_batches  # noqa: E402
-from middo_ray.signals.quality import expected_score  # noqa: E402
 
 
-def full_prompt_judge(model, tok, rows, template: str, batch_tokens: int) -> tuple[np.ndarray, int]:
-    """The straightforward judge: every one of the 6 prompts is a separate sequence."""
-    import torch
-
-    st = score_tokens(tok)
-    seqs = []
-    for r in rows:
-        for target in ("prompt", "response"):
-            for d in JUDGE_DIMENSIONS:
-                ids = tok(render_prompt({"instruction": judge_prompt(r, d, target)}, tok, template),
-                          add_special_tokens=False)["input_ids"]
-                seqs.append(ids + ([st.digits[1]] if st.two_step_ten else []))
-    lengths = [len(s) for s in seqs]
-    first = np.zeros((len(seqs), 10))
-    z = np.zeros(len(seqs)) if st.two_step_ten else None
-    ten = np.zeros(len(seqs)) if st.ten is not None else None
-    dec, head = model.get_decoder(), model.get_output_embeddings()
-    with torch.inference_mode():
-        for batch in length_batches(lengths, batch_tokens):
-            w = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), w), tok.pad_token_id)
-            att = torch.zeros((len(batch), w), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : lengths[i]] = torch.tensor(seqs[i])
-                att[r, : lengths[i]] = 1
-            h = dec(input_ids=ids, attention_mask=att).last_hidden_state
-            last = torch.tensor([lengths[i] - 1 for i in batch])
-            pos = last - 1 if st.two_step_ten else last
-            p = torch.softmax(head(h[torch.arange(len(batch)), pos]).float(), -1)
-            first[batch] = p[:, st.digits].numpy()
-            if ten is not None:
-                ten[batch] = p[:, st.ten].numpy()
-            if z is not None:
-                z[batch] = torch.softmax(head(h[torch.arange(len(batch)), last]).float(), -1)[:, st.digits[0]].numpy()
-    return expected_score(first, z, ten).reshape(len(rows), 6), sum(lengths)
+def full_prompt_tokens(tok, rows, template: str, cutoff_len: int) -> int:
+    """Tokens the full-prompt judge pushes through the model: every body once per tail."""
+    return sum(len(body) + len(tail) for target in ("prompt", "response")
+               for bodies, tails in [judge_sequences(rows, tok, template, cutoff_len, target)]
+               for body in bodies for tail in tails)
 
 
 def judge_modes(model, tok, batch_tokens: int, rows_limit: int | None) -> dict:
@@ -125,7 +91,8 @@ def main() -> int:
     shared = judge_scores(model, tok, rows, "default", 512, args.batch_tokens)
     t_shared = time.perf_counter() - t
     t = time.perf_counter()
-    full, full_tokens = full_prompt_judge(model, tok, rows, "default", args.batch_tokens)
+    full = judge_scores_full_prompts(model, tok, rows, "default", 512, args.batch_tokens)
+    full_tokens = full_prompt_tokens(tok, rows, "default", 512)
     t_full = time.perf_counter() - t
     diff = float(np.nanmax(np.abs(shared - full)))
     result = {"model": args.model, "rows": len(rows), "judgements": 6 * len(rows), "full_prompt_tokens": full_tokens,

@@ -136,6 +136,57 @@ def judge_scores(model, tokenizer, rows: list[dict], template: str, cutoff_len: 
     return out
 
 
+def judge_scores_full_prompts(model, tokenizer, rows: list[dict], template: str, cutoff_len: int,
+                              batch_tokens: int) -> np.ndarray:
+    """The reference for :func:`judge_scores`: the same (N, 6) scores with one forward per judge prompt.
+
+    ``judge_sequences`` gives each row's body and the three tails; here body + tail runs as one right-padded
+    sequence, so any difference from ``judge_scores`` comes from its shared-body cache, not from
+    tokenization. For the benchmarks and the GPU check (it pushes every body through the model three times).
+    """
+    import torch
+
+    st = score_tokens(tokenizer)
+    seqs, where = [], []
+    for t_idx, target in enumerate(("prompt", "response")):
+        bodies, tails = judge_sequences(rows, tokenizer, template, cutoff_len, target)
+        if st.two_step_ten:      # the extra "1" gives P("0" | "1") at the last position
+            tails = [t + [st.digits[1]] for t in tails]
+        for i, body in enumerate(bodies):
+            for j, tail in enumerate(tails):
+                seqs.append(body + tail)
+                where.append((i, t_idx * len(tails) + j))
+    lengths = [len(x) for x in seqs]
+    first = np.zeros((len(seqs), 10))
+    ten = np.zeros(len(seqs)) if st.ten is not None else None
+    zero_after_one = np.zeros(len(seqs)) if st.two_step_ten else None
+    device = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    digits = torch.tensor(st.digits, device=device)
+    with torch.inference_mode():
+        for batch in length_batches(lengths, batch_tokens):
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, :lengths[i]] = torch.tensor(seqs[i])
+                att[r, :lengths[i]] = 1
+            hidden = decoder(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
+            rows_t = torch.arange(len(batch), device=device)
+            last = torch.tensor([lengths[i] - 1 for i in batch], device=device)
+            probs = torch.softmax(head(hidden[rows_t, last - 1 if st.two_step_ten else last]).float(), dim=-1)
+            first[batch] = probs[:, digits].cpu().numpy()
+            if ten is not None:
+                ten[batch] = probs[:, st.ten].cpu().numpy()
+            if zero_after_one is not None:
+                after = torch.softmax(head(hidden[rows_t, last]).float(), dim=-1)
+                zero_after_one[batch] = after[:, st.digits[0]].cpu().numpy()
+    out = np.full((len(rows), 6), np.nan)
+    idx = np.asarray(where)
+    out[idx[:, 0], idx[:, 1]] = expected_score(first, zero_after_one, ten)
+    return out
+
+
 def judge_generate(model, tokenizer, rows: list[dict], template: str, cutoff_len: int, batch_tokens: int,
                    temperature: float = 0.1, max_new_tokens: int = 8, seed: int = 0) -> np.ndarray:
     """(N, 6) scores the paper's way: the judge writes an answer, and a 0-10 number is parsed from it.
