@@ -270,7 +270,7 @@ def run(ctx: StageContext, cfg: DataConfig, inputs: dict) -> StageResult:
         raise AssertionError(f"row accounting is broken: {info}")
     if train.total == 0:
         raise ValueError(f"no usable rows in {source}: {n_rejected} of {n_input} rejected (see {rejects})")
-    log.info("data: %d rows read from %s (%s), %d rejected, %d train, %d held out, %d shards", n_input, source,
+    log.debug("data: %d rows read from %s (%s), %d rejected, %d train, %d held out, %d shards", n_input, source,
              plan.format, n_rejected, train.total, heldout.total, len(train.names))
     return StageResult(info, _output(info))
 

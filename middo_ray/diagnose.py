@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from middo_ray import neighbors, storage
 from middo_ray.config import DiagnoseConfig
+from middo_ray.console import report_unit
 from middo_ray.encode import empty_prompt_variant, encode_row
 from middo_ray.judge import JUDGE_COLUMNS, judge_generate, judge_scores
 from middo_ray.rundir import StageContext, StageResult, read_record
@@ -125,7 +126,11 @@ class DiagnoseShards:
         if unit.get("previous") and storage.exists(unit["previous"]):
             prev = storage.read_table(unit["previous"], ["sample_id", "loss_pre"]).to_pylist()
             cached = {r["sample_id"]: r["loss_pre"] for r in prev if r["loss_pre"] is not None}
-        blocks = [self._block(rows[s:s + self.block], cached) for s in range(0, len(rows), self.block)]
+        blocks = []
+        for s in range(0, len(rows), self.block):
+            blocks.append(self._block(rows[s:s + self.block], cached))
+            if s + self.block < len(rows):
+                report_unit(unit, s + self.block)            # the console's progress within the shard
         cols = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]} if blocks else _empty_columns()
         emb = cols.pop("embedding")
         ids = [r["sample_id"] for r in rows]
@@ -253,7 +258,7 @@ def run(ctx: StageContext, cfg: DiagnoseConfig, inputs: dict) -> StageResult:
                         "units": round(sum(float(s.get("compute_seconds", 0)) for s in summaries), 2)},
             "shards": {"dataset": dataset.to_json(), "signals": signals.to_json(), "embeddings": embeddings.to_json(),
                        "neighbors": nbrs.to_json()}}
-    log.info("diagnose: %d rows in %.1fs (model pass %.1fs, kNN %s %.2fs)", totals["rows"], time.time() - t0, t_pass,
+    log.debug("diagnose: %d rows in %.1fs (model pass %.1fs, kNN %s %.2fs)", totals["rows"], time.time() - t0, t_pass,
              knn.get("method"), info["seconds"]["knn"])
     return StageResult(info, _output(info))
 

@@ -59,7 +59,7 @@ def evaluate_remote(model: str, heldout, cfg: MiddoConfig, out_dir: str | Path |
 def run(ctx: StageContext, cfg: EvalConfig, inputs: dict) -> StageResult:
     """Scores ``inputs["model"]`` on ``inputs["heldout"]`` (a ShardSet) and the configured benchmarks."""
     metrics = evaluate_remote(inputs["model"], inputs["heldout"], ctx.cfg, out_dir=ctx.dir)
-    log.info("eval: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
+    log.debug("eval: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
     return StageResult(metrics, metrics)
 
 

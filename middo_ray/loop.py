@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from middo_ray import data, diagnose, evaluate, merge, refine, select, storage, train
+from middo_ray import console, data, diagnose, evaluate, merge, metrics, refine, select, storage, train
 from middo_ray.config import MiddoConfig
 from middo_ray.converge import best_round, should_stop
 from middo_ray.final import write_final
@@ -115,16 +115,36 @@ def _finish(run: Run, st: LoopState, t_start: float) -> dict:
     return summary
 
 
+def _rebuild_report(run: Run) -> None:
+    """The report after a round (a failure to draw it is logged, never a failed run)."""
+    from middo_ray.report import build_report
+
+    try:
+        build_report(run.root)
+    except Exception as exc:  # noqa: BLE001 - the report is a view of the run, not part of it
+        log.warning("report not rebuilt after this round: %s: %s", type(exc).__name__, exc)
+
+
 def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], Any] | None = None) -> dict:
     """Runs the loop to a stop rule and writes the final dataset; returns the summary."""
     run = Run(cfg).open()
-    init_ray(cfg)
-    check_gpu_fit(cfg)
-    t_start = time.time()
-    with ServeApps(cfg) as apps:
-        st = _round_zero(run)
-        while not st.stop:
-            manifest = _next_round(run, st, apps)
-            if on_round:
-                on_round(st.k, manifest)
-    return _finish(run, st, t_start)
+    try:
+        console.set_run_dir(run.root)
+        init_ray(cfg)
+        metrics.set_run(cfg.run.run_id)
+        check_gpu_fit(cfg)
+        t_start = time.time()
+        with ServeApps(cfg) as apps:
+            metrics.set_round(0)
+            st = _round_zero(run)
+            _rebuild_report(run)
+            while not st.stop:
+                metrics.set_round(st.k + 1)
+                manifest = _next_round(run, st, apps)
+                _rebuild_report(run)
+                if on_round:
+                    on_round(st.k, manifest)
+        return _finish(run, st, t_start)
+    finally:
+        console.set_run_dir(None)
+        run.close()

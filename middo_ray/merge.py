@@ -192,7 +192,7 @@ def run(ctx: StageContext, cfg, inputs: dict) -> StageResult:
     counts["hash"] = hashlib.sha256("".join(s["hash"] for s in summaries).encode()).hexdigest()[:16]
     counts["nodes"] = nodes_of(summaries)
     counts["shards"] = {"dataset": out.to_json()}
-    log.info("merge: %d -> %d samples (%d replaced, %d added, %d kept after a failed rewrite)", counts["in"],
+    log.debug("merge: %d -> %d samples (%d replaced, %d added, %d kept after a failed rewrite)", counts["in"],
              counts["out"], counts["replaced"], counts["added"], counts["kept_after_failure"])
     return StageResult(counts, out)
 

@@ -38,6 +38,116 @@ log = logging.getLogger("middo")
 
 MARKER = "_SUCCESS"
 RECORD = "stage.json"
+LOCK = "_LOCK"            # held (flock) by the process running the loop in this directory
+PROGRESS = "progress.json"  # the running stage and how far it is (middo_ray.console)
+
+
+class RunLocked(RuntimeError):
+    """Another live process runs the loop in this run directory."""
+
+
+class RunLock:
+    """One run per run directory: an exclusive ``flock`` on ``<run_dir>/_LOCK``, which names its holder.
+
+    The kernel drops the lock when its process dies however it dies (SIGKILL included), so a lock file a
+    dead run left behind is simply taken over: there is no stale state to clean up and no window in which two
+    processes both think they hold it. The file's JSON (host, pid, started, run id) is for the message a
+    second run gets and for ``middo status``. A process that holds the lock may open the directory again
+    (the lock is re-entrant per process). Object-store run directories have no lock (a warning says so).
+    """
+
+    def __init__(self, root: str, run_id: str):
+        self.root, self.run_id = root, run_id
+        self.path = storage.join(root, LOCK)
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import json
+        import socket
+
+        if not storage.is_local(self.root):
+            log.warning("run directory %s is not on a local or shared filesystem: no lock keeps a second run "
+                        "with the same run id out of it", self.root)
+            return self
+        if _HELD.get(self.path) is not None:
+            self._fd = _HELD[self.path]
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # A reader (`middo status`) holds a shared lock for an instant: a few tries tell it from a live run.
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < LOCK_TRIES - 1:
+                    time.sleep(0.1)
+        else:
+            holder = read_lock(self.root) or {}
+            os.close(fd)
+            raise RunLocked(
+                f"run directory {self.root} is in use by another run (host {holder.get('host', '?')}, pid "
+                f"{holder.get('pid', '?')}, since {holder.get('started', '?')}). Wait for it to finish, stop it, "
+                "or use another run.run_id") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id,
+                                  "started": datetime.now(timezone.utc).isoformat()}) + "\n").encode())
+        os.fsync(fd)
+        self._fd = _HELD[self.path] = fd
+        return self
+
+    def release(self) -> None:
+        """Drops the lock (the file stays, naming the last holder)."""
+        fd = _HELD.pop(self.path, None)
+        if fd is not None:
+            os.close(fd)                                    # closing the descriptor releases the flock
+        self._fd = None
+
+
+_HELD: dict[str, int] = {}  # lock path -> descriptor, for the locks this process holds
+LOCK_TRIES = 10
+
+
+def lock_held(path: str) -> bool | None:
+    """Whether a live process holds the run lock at ``path`` now; None where the filesystem cannot tell.
+
+    Asked of the lock itself (a shared ``flock`` attempt that fails while a run holds it), not of the pid in the
+    file, so it is right for any process on any host that shares the filesystem's locks: the kernel drops a
+    dead process' lock, and a lock file that a finished or killed run left behind is free.
+    """
+    import fcntl
+
+    if path in _HELD:
+        return True                                         # this very process runs there
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return None
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return None
+
+
+def read_lock(run_dir: str) -> dict | None:
+    """The run lock's holder record (host, pid, run_id, started) and ``active``: whether a live process holds
+    it now (:func:`lock_held`); None without a lock file."""
+    import json
+
+    path = storage.join(run_dir, LOCK)
+    if not storage.is_local(run_dir) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            text = f.read()
+        info = json.loads(text) if text.strip() else {}
+    except (OSError, ValueError):
+        info = {}
+    return {**(info if isinstance(info, dict) else {}), "active": lock_held(path)}
 
 
 @dataclass
@@ -111,9 +221,14 @@ class Run:
         self.services: dict[str, Any] = {}
 
     def open(self) -> "Run":
-        """Checks that the directory may be resumed with this config, then records the config."""
+        """Takes the run lock, checks that the directory may be resumed with this config, records the config."""
         storage.makedirs(self.root)
-        self._check_resumable()
+        self.lock = RunLock(self.root, self.cfg.run.run_id).acquire()
+        try:
+            self._check_resumable()
+        except BaseException:
+            self.lock.release()
+            raise
         storage.write_json(storage.join(self.root, "config.json"), self.cfg.model_dump())
         log.info("run directory: %s", self.root)
         return self
@@ -129,6 +244,12 @@ class Run:
             raise ValueError(f"run directory {self.root} was made with a different config (sections: "
                              f"{', '.join(changed)}); its finished stages would not match. Use a new run.run_id, "
                              "or set run.resume=false to redo every stage")
+
+    def close(self) -> None:
+        """Releases the run lock (the loop calls it however it ends)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def round(self, k: int) -> "Round":
         return Round(self, k)
@@ -159,13 +280,17 @@ class Round:
 
     def run(self, name: str, module, section, inputs: dict | None = None) -> StageResult:
         """Runs stage ``name`` (``module.run``) unless it finished before; records it either way."""
+        from middo_ray import console, metrics
+
         stage_dir = storage.join(self.dir, name)
         t0 = time.time()
-        if self.run_.cfg.run.resume and stage_done(stage_dir):
+        resumed = self.run_.cfg.run.resume and stage_done(stage_dir)
+        if resumed:
             result = module.load(stage_dir)
             self.timings[name] = _finished_seconds(stage_dir)
             self.resumed.append(name)
         else:
+            console.stage_started(self.k, name)
             if not self.run_.cfg.run.resume:
                 storage.remove_tree(stage_dir)
             storage.makedirs(stage_dir)
@@ -175,6 +300,9 @@ class Round:
             self.timings[name] = round(time.time() - t0, 2)
             storage.write_json(storage.join(stage_dir, MARKER), {
                 "finished": datetime.now(timezone.utc).isoformat(), "seconds": self.timings[name]})
+        console.stage_finished(self.k, name, self.timings[name], result.info, bool(resumed))
+        metrics.record_stage(self.k, name, result.info, self.timings[name], bool(resumed),
+                             self.run_.cfg.eval.metric)
         self.stages[name] = result.info
         self.write_manifest()
         return result
@@ -195,13 +323,16 @@ def init_ray(cfg: MiddoConfig) -> None:
     run's own (never a cluster some other `ray start` left on the machine)."""
     import ray
 
+    from middo_ray import console
+
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         # Inside `ray job submit` the job's runtime env (working_dir, env_vars) already applies, and
         # Ray refuses a second one that sets the same keys.
-        ray.init(address=address)
+        ray.init(address=address, **console.ray_init_kwargs())
+        console.after_ray_init()
         return
     env = {k: os.environ[k] for k in ("MIDDO_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ}
     # Ray starts its workers at nice 15 so that its daemons stay responsive on shared machines. In a Ray of
@@ -210,4 +341,6 @@ def init_ray(cfg: MiddoConfig) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     # address="local": a Ray of the run's own. Without it ray.init joins whatever cluster the machine's last
     # `ray start` recorded in /tmp/ray (someone else's, or a dead one whose file a crash left behind).
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None,
+             **console.ray_init_kwargs())
+    console.after_ray_init()

@@ -345,7 +345,7 @@ def run(ctx: StageContext, cfg: SelectConfig, inputs: dict) -> StageResult:
     flags = ShardSet(ctx.path("flags"), diag.dataset.names, diag.dataset.rows).save()
     info = {"thresholds": thresholds, "counts": counts, "moments": mom, "nodes": nodes_of(summaries),
             "shards": {"flags": flags.to_json()}}
-    log.info("select: flagged %s", {a: counts[a]["flagged"] for a in AXES})
+    log.debug("select: flagged %s", {a: counts[a]["flagged"] for a in AXES})
     return StageResult(info, flags)
 
 

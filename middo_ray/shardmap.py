@@ -27,10 +27,9 @@ from typing import Any, Callable
 import numpy as np
 
 from middo_ray import storage
+from middo_ray.console import follow_units
 
 log = logging.getLogger("middo")
-
-PROGRESS_EVERY_S = 30.0
 
 
 class _ActorRunner:
@@ -114,7 +113,9 @@ def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None =
     if summaries:
         log.info("%s: %d of %d shards already committed (resumed)", what, len(summaries), len(units))
     if pending:
-        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
+        # "_progress": the key under which a worker may report rows done within its unit (console.report_unit).
+        ds = ray.data.from_items([{"unit": json.dumps({**u, "_progress": what})} for u in pending],
+                                 override_num_blocks=len(pending))
         if actors is not None:
             actors = dict(actors)
             size = actors.pop("concurrency", 1)
@@ -129,12 +130,14 @@ def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None =
             ds = ds.map_batches(_task_runner, fn_kwargs={"worker_cls": worker_cls, "worker_kwargs": worker_kwargs},
                                 batch_size=1, batch_format="numpy", num_cpus=task_cpus)
         progress = _Progress(what, pending)
-        for row in ds.iter_rows():
-            summary = json.loads(row["summary"])
-            summaries[summary["unit"]] = summary
-            progress.update(summary)
-            if on_summary is not None:
-                on_summary(summary)
+        with follow_units(what, progress.display, lambda: progress.done_rows) as within:
+            for row in ds.iter_rows():
+                summary = json.loads(row["summary"])
+                summaries[summary["unit"]] = summary
+                within.unit_done(summary["unit"])
+                progress.update(summary)
+                if on_summary is not None:
+                    on_summary(summary)
         progress.finish()
     missing = [u["id"] for u in units if u["id"] not in summaries]
     if missing:
@@ -144,27 +147,28 @@ def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None =
 
 
 class _Progress:
-    """A line every PROGRESS_EVERY_S seconds: shards and rows done, rate, time left."""
+    """The stage's progress display (:class:`middo_ray.console.Progress`): shards and rows done, rate, time left."""
 
     def __init__(self, what: str, pending: list[dict]):
-        self.what, self.t0, self.last = what, time.time(), time.time()
+        from middo_ray.console import Progress
+
+        self.what, self.t0 = what, time.time()
         self.units, self.rows = len(pending), sum(int(u.get("rows", 0)) for u in pending)
         self.done_units = self.done_rows = 0
+        by_rows = self.rows > 0
+        self.display = Progress(what, self.rows if by_rows else self.units, "rows" if by_rows else "shards")
 
     def update(self, summary: dict) -> None:
         self.done_units += 1
         self.done_rows += int(summary.get("rows", 0))
-        now = time.time()
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            rate = self.done_rows / max(now - self.t0, 1e-9)
-            left = (self.rows - self.done_rows) / rate if rate > 0 else float("nan")
-            log.info("%s: %d/%d shards, %d/%d rows, %.0f rows/s, about %.0fs left", self.what, self.done_units,
-                     self.units, self.done_rows, self.rows, rate, left)
+        by_rows = self.rows > 0
+        self.display.update(self.done_rows if by_rows else self.done_units,
+                            f"{self.done_units}/{self.units} shards" if by_rows and self.units > 1 else "")
 
     def finish(self) -> None:
-        secs = time.time() - self.t0
-        log.info("%s: %d shards, %d rows in %.1fs", self.what, self.done_units, self.done_rows, secs)
+        self.display.finish()
+        log.debug("%s: %d shards, %d rows in %.1fs", self.what, self.done_units, self.done_rows,
+                  time.time() - self.t0)
 
 
 def node_pool(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float = 1.0) -> dict[str, Any]:

@@ -51,3 +51,51 @@ def ray_local():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def loop_run(ray_local, tiny_model, tmp_path_factory):
+    """One finished 2-round run of the loop, shared by the tests that read a run directory (the loop's own
+    contract, the report, `middo status/show/diff`): the tiny model on 68 demo rows, 3 of them
+    invalid. Read it, never change it: a test that needs a changed or unfinished run copies it first.
+
+    Returns ``(run_dir, summary, port)``; ``port`` is the Serve HTTP port the run used (a rerun of the same
+    config resumes it).
+    """
+    import socket
+
+    from middo_ray.loop import run_loop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("loop_run")
+    summary = run_loop(loop_run_config(out, port))
+    return out / "t", summary, port
+
+
+def loop_run_data(out_dir) -> Path:
+    """The data of :func:`loop_run`: the demo's 8 rows with 3 invalid ones, then 60 rows of the demo seed
+    (enough for the rounds' training to move the tiny model and the signals to spread)."""
+    from middo_ray.demo import demo_path
+
+    path = Path(out_dir) / "seed.jsonl"
+    if not path.is_file():
+        seed = demo_path("seed").read_text().splitlines()[5:65]      # rows 1-5 are the valid ones above
+        path.write_text(demo_path("seed_with_invalid").read_text().rstrip("\n") + "\n" + "\n".join(seed) + "\n")
+    return path
+
+
+def loop_run_config(out_dir, port: int):
+    """The config of :func:`loop_run` (a second call with the same arguments resumes that run)."""
+    from middo_ray.config import build_config
+
+    return build_config({
+        "run": {"run_id": "t", "output_dir": str(out_dir)},
+        "data": {"path": str(loop_run_data(out_dir)), "heldout_fraction": 0.2, "cutoff_len": 96},
+        "model": {"base": "tiny"},
+        "refine": {"max_new_tokens": 8, "max_retries": 0, "http_port": port},
+        "train": {"learning_rate": 1e-3},
+        "eval": {"mc_limit": 5},
+        "converge": {"max_rounds": 2, "patience": 2},
+    })

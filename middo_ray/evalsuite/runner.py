@@ -399,5 +399,5 @@ def evaluate_on_ray(model: str, heldout, cfg: MiddoConfig, out_dir: Path | None 
     metrics = aggregate(records, cfg, time.time() - t0, heldout=sums)
     if out_dir is not None:
         write_predictions(records, Path(out_dir) / "predictions.jsonl")
-    log.info("eval: %d held-out rows and %d benchmark items in %.1fs", sums[0], len(records), metrics["seconds"])
+    log.debug("eval: %d held-out rows and %d benchmark items in %.1fs", sums[0], len(records), metrics["seconds"])
     return metrics, records

@@ -247,7 +247,7 @@ def run(ctx: StageContext, cfg: RefineConfig, inputs: dict) -> StageResult:
     info = _info(finals, rewrites, cfg, time.time() - t0)
     info["nodes"] = nodes_of(rewrites, finals)
     info["shards"] = {"results": results.to_json()}
-    log.info("refine: %d jobs, %d ok, %d failed (originals kept)", info["jobs"], info["ok"], info["failed"])
+    log.debug("refine: %d jobs, %d ok, %d failed (originals kept)", info["jobs"], info["ok"], info["failed"])
     return StageResult(info, results)
 
 

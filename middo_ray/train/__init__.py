@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from middo_ray.console import follow_remote
 from middo_ray.schema import TEXT_COLUMNS
 from middo_ray.storage import ShardSet
 from middo_ray.train.checkpoint import SUMMARY_FILE, write_hf_model
@@ -237,16 +238,17 @@ def train_sft(rows: ShardSet | list[dict], cfg: MiddoConfig, out_dir: str | Path
         ray.init()
     name = run_name or f"sft_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
     storage = storage_root(cfg, out)
-    logger.info("training %s on %d rows with %d worker(s) (%s, %s); run %s/%s", init_model, n,
+    logger.debug("training %s on %d rows with %d worker(s) (%s, %s); run %s/%s", init_model, n,
                 cfg.train.num_workers, cfg.train.method, cfg.train.strategy, storage, name)
-    result = _fit(cfg, rows, storage, name, init_model)
+    with follow_remote("train", "train", unit="steps"):
+        result = _fit(cfg, rows, storage, name, init_model)
     model_dir = _fetch_model(result.checkpoint, out)
     if not (model_dir / SUMMARY_FILE).is_file():
         raise RuntimeError(f"training run {name}: the last checkpoint is not a final model (see {storage}/{name})")
     _drop_run_storage(result)
     res = _result(model_dir, json.loads((model_dir / SUMMARY_FILE).read_text()), t0)
     (out / "train_result.json").write_text(json.dumps(res, indent=2))
-    logger.info("trained %d steps on %d response tokens in %.1fs; loss %.4f -> %s%s", res["steps"], res["tokens"],
+    logger.debug("trained %d steps on %d response tokens in %.1fs; loss %.4f -> %s%s", res["steps"], res["tokens"],
                 res["seconds"], res["train_loss"], model_dir,
                 f" (resumed from step {res['resumed_from']})" if res["resumed_from"] else "")
     return res

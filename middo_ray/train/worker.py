@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from middo_ray.console import report_remote
 from middo_ray.train.checkpoint import SUMMARY_FILE, _load_checkpoint, _report, _save_checkpoint, _save_final
 from middo_ray.train.dist import (_all_reduce_floats, _all_reduce_list, _forward_module, _grad_sync, _keep_from,
                                   _shard_fsdp, apply_lora, gather_objects)
@@ -256,6 +257,8 @@ def _run_steps(r: _Run) -> float | None:
         if r.rank == 0:
             rate = r.plan.inputs[step] / max(state["step_seconds"][-1], 1e-9)
             _log(f"step {step + 1}/{total} loss {step_loss:.4f} lr {lr:.2e} ({rate:.0f} tok/s)")
+            # The driver's console shows training as one progress display (its board polls this).
+            report_remote("train", step + 1, total, f"loss {step_loss:.4f}, {rate:.0f} tok/s")
         metrics = {"step": step + 1, "loss": step_loss, "lr": lr}
         last = step == total - 1
         if every and (step + 1) % every == 0 and not last:

@@ -128,3 +128,11 @@ def test_job_submit_runs_the_loop_and_leaves_outputs(ray_head, tmp_path):
     assert len(lineage) == summary["sizes"][-1]
     assert {"sample_id", "parent_id", "origin", "round"} <= set(lineage[0])
     assert (run / "final" / "optimized.jsonl").is_file() or (run / "final" / "optimized.json").is_file()
+    # The job's log is the loop's console: a line as each stage ends, none of Ray's progress blocks (before
+    # the console was quieted, this one round printed about 600 lines, most of them Ray Data's).
+    job_log = proc.stdout
+    for k, stages in ((0, ("data", "train", "eval")), (1, ("diagnose", "select", "refine", "merge", "train", "eval"))):
+        for stage in stages:
+            assert re.search(rf"\[round {k}\] {stage}: done in ", job_log), job_log[-4000:]
+    assert "Total Progress" not in job_log and "Running Dataset" not in job_log, job_log[-4000:]
+    assert len(job_log.splitlines()) < 200, job_log[-4000:]

@@ -1,4 +1,4 @@
-"""The loop on local Ray with the tiny model: run directory contract, rejects, and resume."""
+"""The loop on local Ray with the tiny model: run directory contract, rejects, resume, metrics, run lock."""
 
 import json
 import os
@@ -6,45 +6,34 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from middo_ray.config import build_config
-from middo_ray.demo import demo_path
 from middo_ray.loop import run_loop
+from middo_ray.rundir import read_lock
+from tests.conftest import loop_run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 def _cfg(tmp_path, port):
-    return build_config({
-        "run": {"run_id": "t", "output_dir": str(tmp_path)},
-        "data": {"path": str(demo_path("seed_with_invalid")), "heldout_fraction": 0.2, "cutoff_len": 96},
-        "model": {"base": "tiny"},
-        "refine": {"max_new_tokens": 8, "max_retries": 0, "http_port": port},
-        "train": {"learning_rate": 1e-3},
-        "eval": {"mc_limit": 5},
-        "converge": {"max_rounds": 1},
-    })
+    return loop_run_config(tmp_path, port)
 
 
-def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_path):
-    """One round leaves every stage's marker, a manifest, rejects with reasons and the final dataset;
+def test_loop_writes_the_run_directory_and_resumes(loop_run):
+    """Two rounds leave every stage's marker, manifests, rejects with reasons and the final dataset;
     a second run with the same run id redoes no stage (markers untouched) and gives the same summary."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    first = run_loop(_cfg(tmp_path, port))
-    run = tmp_path / "t"
+    run, first, port = loop_run
     markers = sorted(run.glob("round_*/*/_SUCCESS"))
     assert {m.parent.name for m in markers} == {"data", "train", "eval", "diagnose", "select", "refine", "merge"}
+    assert {m.parent.parent.name for m in markers} == {"round_0", "round_1", "round_2"}
     rejects = [json.loads(line) for line in (run / "round_0" / "data" / "rejects.jsonl").open()]
     assert len(rejects) == 3 and all(r["reason"] and r["line"] for r in rejects)
     info = json.loads((run / "round_0" / "data" / "stage.json").read_text())
     assert info["rows_in"] == info["train"] + info["heldout"] + info["rejected"]
-    manifest = json.loads((run / "round_1" / "manifest.json").read_text())
+    assert not json.loads((run / "round_1" / "manifest.json").read_text())["converge"]["stop"]
+    manifest = json.loads((run / "round_2" / "manifest.json").read_text())
     assert manifest["converge"]["stop"] and "max_rounds" in manifest["converge"]["reason"]
     # refine.judge=current: round 1's rewrites are judged by M_0, the checkpoint round 1 diagnosed with.
-    refine_counts = manifest["stages"]["refine"]["counts"]
+    r1 = json.loads((run / "round_1" / "manifest.json").read_text())
+    refine_counts = r1["stages"]["refine"]["counts"]
     assert refine_counts["judged"] >= 1, "the tiny teacher produced no valid rewrite; the judge went untested"
     m0 = json.loads((run / "round_0" / "manifest.json").read_text())["stages"]["train"]["model_dir"]
     assert refine_counts["judge_model"] == m0
@@ -57,16 +46,104 @@ def test_loop_writes_the_run_directory_and_resumes(ray_local, tiny_model, tmp_pa
     lineage = pq.read_table(run / "final" / "lineage.parquet").to_pylist()
     assert len(lineage) == first["sizes"][-1]
     assert (run / "report.html").is_file()
+    # The last stage's progress record says it finished; the run lock is free again.
+    progress = json.loads((run / "progress.json").read_text())
+    assert (progress["round"], progress["stage"]) == (2, "eval") and progress["state"] == "done"
+    lock = read_lock(str(run))
+    assert lock is not None and lock["pid"] == os.getpid() and not lock["active"]
 
     stamps = {m: m.read_text() for m in markers}
-    ran = json.loads((run / "round_1" / "manifest.json").read_text())["timings"]
-    second = run_loop(_cfg(tmp_path, port))
+    ran = {k: json.loads((run / f"round_{k}" / "manifest.json").read_text())["timings"] for k in (1, 2)}
+    second = run_loop(_cfg(run.parent, port))
     assert {m: m.read_text() for m in markers} == stamps
     assert second["history"] == first["history"] and second["sizes"] == first["sizes"]
-    # The resumed round's manifest keeps the seconds of the run that did the work and names the stages it skipped.
-    again = json.loads((run / "round_1" / "manifest.json").read_text())
-    assert again["timings"] == ran and all(t > 0 for t in ran.values())
-    assert set(again["resumed"]) == set(ran)
+    # The resumed rounds' manifests keep the seconds of the run that did the work and name the stages skipped.
+    for k in (1, 2):
+        again = json.loads((run / f"round_{k}" / "manifest.json").read_text())
+        assert again["timings"] == ran[k] and all(t > 0 for t in ran[k].values())
+        assert set(again["resumed"]) == set(ran[k])
+
+
+def test_the_loop_exports_its_metrics_through_ray(loop_run):
+    """The loop's metrics reach the node's Prometheus endpoint (Ray's metrics agent) with their tags and the
+    numbers of the run's records."""
+    import time
+    import urllib.request
+
+    import ray
+
+    run, summary, _ = loop_run
+    port = ray._private.worker._global_node.metrics_export_port
+    r2 = json.loads((run / "round_2" / "manifest.json").read_text())
+    wanted = {"ray_middo_round", "ray_middo_stage_seconds", "ray_middo_stage_rows", "ray_middo_flags",
+              "ray_middo_rewrites_total", "ray_middo_tokens_total", "ray_middo_rows_total", "ray_middo_metric"}
+    series: dict = {}
+    deadline = time.time() + 60                        # the agent exports every few seconds
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        series = _parse_prometheus(text, run_id="t")
+        if wanted <= {name for name, _ in series}:
+            break
+        time.sleep(2)
+    assert wanted <= {name for name, _ in series}, sorted({name for name, _ in series})
+    assert series[("ray_middo_round", ())] == 2
+    assert series[("ray_middo_stage_rows", (("stage", "merge"),))] == r2["rows"]["out"]
+    for axis, n in r2["flags"].items():
+        assert series[("ray_middo_flags", (("axis", axis),))] == n
+    accepted = sum(json.loads((run / f"round_{k}" / "manifest.json").read_text())["stages"]["refine"]["ok"]
+                   for k in (1, 2))
+    assert series[("ray_middo_rewrites_total", (("result", "accepted"),))] == accepted
+    assert series[("ray_middo_metric", (("name", "heldout_loss"),))] == pytest.approx(
+        summary["history"][-1]["heldout_loss"])
+
+
+def _parse_prometheus(text: str, run_id: str) -> dict:
+    """{(name, ((tag, value), ...)): value} of the series whose run_id tag is ``run_id`` (other tags dropped
+    but for stage, axis, result, name)."""
+    import re
+
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'^(\w+)\{(.*)\} ([0-9.eE+-]+)$', line)
+        if not m or not m.group(1).startswith("ray_middo_"):
+            continue
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if tags.get("run_id") != run_id:
+            continue
+        key = tuple(sorted((k, v) for k, v in tags.items() if k in ("stage", "axis", "result", "name")))
+        out[(m.group(1), key)] = float(m.group(3))
+    return out
+
+
+def test_one_run_per_run_directory(tmp_path):
+    """A second run in a directory a live process holds is refused, naming the holder; once that process
+    is gone (SIGKILL: no clean-up ran) the lock it left is taken over."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from middo_ray.rundir import Run, RunLocked
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys, time\nfrom tests.conftest import loop_run_config\nfrom middo_ray.rundir import Run\n"
+            "Run(loop_run_config(sys.argv[1], 8000)).open()\nprint('HELD', flush=True)\ntime.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        with pytest.raises(RunLocked, match=rf"in use by another run \(host .+, pid {holder.pid},"):
+            Run(_cfg(tmp_path, 8000)).open()
+        assert read_lock(str(tmp_path / "t"))["active"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert not read_lock(str(tmp_path / "t"))["active"]
+    run = Run(_cfg(tmp_path, 8000)).open()
+    try:
+        assert read_lock(str(tmp_path / "t"))["pid"] == os.getpid()
+    finally:
+        run.close()
 
 
 @pytest.mark.unit
