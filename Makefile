@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-vllm model demo test test-cluster test-vllm test-fast clean
+.PHONY: setup setup-vllm model demo browser test test-cluster test-vllm test-fast clean
 
 # torch first, pinned: its CPU wheel; a bare or ranged torch pulls GBs of CUDA packages.
 $(BIN)/.installed: pyproject.toml
@@ -46,7 +46,15 @@ demo: model
 # Three pytest processes: the main suite on local Ray, the multi-node tier on a simulated cluster (a process
 # joins one Ray cluster), and the vLLM tier, which skips itself where vLLM is missing; here it must not, so a
 # broken install fails loudly.
-test: setup setup-vllm
+# The report's browser test drives Debian's Chromium: installed here when missing (as root; otherwise it
+# says what to run).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "the browser test needs Chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+test: setup setup-vllm browser
 	$(BIN)/python -m pytest -q -m "not vllm and not cluster" tests --ignore=tests/cluster
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 	$(VBIN)/python -c "import vllm"
