@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s [%(name)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("urllib3", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """The loop's console: its own lines and progress; Ray's output only with --verbose (middo_ray.console)."""
+    from middo_ray.console import configure
+
+    configure(verbose)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -27,12 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the loop until a stop rule fires")
     _add_config_args(run)
-    run.add_argument("--verbose", "-v", action="store_true")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="debug lines, and Ray's own logs and progress in the console (kept on disk otherwise)")
     check = sub.add_parser("config", help="validate a config and print it in full (with defaults)")
     _add_config_args(check)
     sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct once and cache it")
     rep = sub.add_parser("report", help="(re)build the HTML report of a run directory")
     rep.add_argument("run_dir")
+    stat = sub.add_parser("status", help="where a run is: its state, stages per round, flags, metric, stop rules")
+    stat.add_argument("run_dir")
+    stat.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show = sub.add_parser("show", help="one sample's history across rounds: signals, flags, refine, each version")
+    show.add_argument("run_dir")
+    show.add_argument("sample_id", help="a sample id or a unique prefix of one (a rewrite's id works too)")
+    show.add_argument("--full", action="store_true", help="print texts in full (default: 600 characters a field)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    diff = sub.add_parser("diff", help="what changed between two rounds' datasets, D_a -> D_b")
+    diff.add_argument("run_dir")
+    diff.add_argument("round_a", type=int, help="round of the first dataset (0: the seed data D_0)")
+    diff.add_argument("round_b", type=int, nargs="?", help="round of the second (default: round_a against the "
+                                                           "round before it)")
+    diff.add_argument("--examples", type=int, default=3, help="example ids per kind (default 3)")
+    diff.add_argument("--json", action="store_true", help="print JSON instead of text")
     aud = sub.add_parser("audit", help="inject known defects into a copy of the data, diagnose it, and report "
                                        "how well each axis finds them (precision, recall, AUROC)")
     _add_config_args(aud)
@@ -89,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_report(args.run_dir))
         return 0
+    if args.command in ("status", "show", "diff"):
+        from middo_ray.runinfo import runinfo_main
+
+        return runinfo_main(args)
 
     if args.command == "prepare-model":
         from middo_ray.models import ensure_smollm2
