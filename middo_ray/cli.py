@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from middo_ray.report import build_report
 
-        print(build_report(args.run_dir))
+        try:
+            print(build_report(args.run_dir))
+        except FileNotFoundError as exc:
+            print(f"middo report: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command in ("status", "show", "diff"):
         from middo_ray.runinfo import runinfo_main

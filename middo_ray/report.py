@@ -1045,8 +1045,13 @@ def build_report(run_dir: str | Path) -> Path:
         status = (f"<div class='banner done'><b>Finished</b> after {_text(_plural(n, 'round'))}: "
                   f"{_text(summary.get('stop_reason', ''))}</div>")
     else:
+        from middo_ray.rundir import read_lock
+
         last = [f"round_{r.k}/{s}" for r in rounds for s in r.done]
-        status = (f"<div class='banner running'><b>Running or interrupted</b>: no final summary yet; "
+        lock = read_lock(str(run))
+        state = ("Running" if lock and lock.get("active") else "Interrupted" if lock and lock.get("active") is False
+                 else "Running or interrupted")
+        status = (f"<div class='banner running'><b>{state}</b>: no final summary yet; "
                   f"{_plural(len(done_rounds), 'round')} finished; last finished stage: "
                   f"<code>{_text(last[-1] if last else 'none')}</code>. Rebuild with <code>middo report "
                   f"{_text(run)}</code>.</div>")

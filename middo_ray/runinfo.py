@@ -253,8 +253,9 @@ def _this_host(host: str | None) -> bool:
     return host is None or host in {socket.gethostname(), socket.getfqdn(), os.uname().nodename}
 
 
-def read_lock(root: str) -> dict | None:
-    """The run lock file's record and whether a run holds it now, or None when there is no lock file.
+def lock_record(root: str) -> dict | None:
+    """The run lock file's record, whether a run holds it now (rundir.lock_held) and whether its pid lives; None
+    without a lock file.
 
     Returns ``{"host", "pid", "started", "run_id", "this_host", "held", "alive"}``: ``held`` is the flock's
     answer (None where the filesystem cannot tell), ``alive`` whether the named pid runs (this host only;
@@ -462,7 +463,7 @@ def status_info(run: RunDir) -> dict:
         r = _round_info(run, k, before)
         before = r.get("rows_out") if r.get("rows_out") is not None else before
         rounds.append(r)
-    lock, progress, summary = read_lock(run.root), read_progress(run.root), run.summary()
+    lock, progress, summary = lock_record(run.root), read_progress(run.root), run.summary()
     pos = _position(rounds)
     if not rounds:
         pos = {"round": 0, "stage": "data", "status": "pending"}
@@ -558,7 +559,9 @@ def _state_lines(info: dict) -> list[str]:
     if prog is not None and state != "finished":
         done, total, unit = prog.get("done"), prog.get("total"), prog.get("unit") or "units"
         head = f"round {prog.get('round')} {prog.get('what') or prog.get('stage')}"
-        if done is None:
+        if prog.get("state") == "done" and done is None:
+            parts = [f"{head}: finished" + (f" in {_dur(prog['seconds'])}" if prog.get("seconds") else "")]
+        elif done is None:
             parts = [f"{head}: started {_ago(prog.get('started'))}, no unit done yet"]
         else:
             parts = [f"{head}: {done}/{total if total is not None else '?'} {unit}"]
