@@ -353,14 +353,19 @@ def _board_cls():
     return ProgressBoard
 
 
+_board: dict[str, Any] = {"handle": None, "session": None}
+
+
 def start_board():
-    """The driver's progress board (created once per Ray session; reused when it exists)."""
+    """The driver's progress board, created once per Ray session and kept: this module holds its handle, since
+    a (non-detached) actor dies with its last handle and the workers find it by name."""
     import ray
 
-    try:
-        return ray.get_actor(BOARD_NAME)
-    except ValueError:
-        return _board_cls().options(name=BOARD_NAME, get_if_exists=True, lifetime=None).remote()
+    session = ray.get_runtime_context().get_worker_id()      # new with every ray.init of this process
+    if _board["handle"] is None or _board["session"] != session:
+        _board["handle"] = _board_cls().options(name=BOARD_NAME, get_if_exists=True, lifetime=None).remote()
+        _board["session"] = session
+    return _board["handle"]
 
 
 _remote: dict[str, Any] = {"board": None, "looked": 0.0, "sent": 0.0}
