@@ -50,6 +50,12 @@ def configure(verbose: bool = False, stream=None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    for name in ("middo", "middo_ray"):                 # undo an earlier configure of this process
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if isinstance(h, _ProgressAwareHandler)]:
+            lg.removeHandler(h)
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
     if verbose:
         root.addHandler(handler)
         root.setLevel(logging.DEBUG)
