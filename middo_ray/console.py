@@ -408,91 +408,92 @@ def report_unit(unit: dict, done: int) -> None:
         report_remote(f"{key}/{unit['id']}", done, int(unit.get("rows", 0)))
 
 
-class follow_units:
+class _BoardPoller:
+    """A thread that asks the driver's progress board something every ``every_s`` seconds while a ``with``
+    body runs (``_tick``); without a board (no Ray) the body runs without progress."""
+
+    key: str
+    every_s: float
+
+    def __enter__(self):
+        try:
+            self.board = start_board()
+            self._setup()
+        except Exception as exc:  # noqa: BLE001 - progress must never stop the stage
+            log.debug("no progress board: %s", exc)
+            self.board = None
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name=f"progress-{self.key}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _setup(self) -> None:
+        """Before the thread starts (the board exists)."""
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._tick()
+            except Exception as exc:  # noqa: BLE001 - a missed poll is only a late display
+                log.debug("progress poll of %s: %s", self.key, exc)
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, *exc) -> None:
+        if self.board is not None:
+            self._stop.set()
+            self._thread.join(timeout=15)
+
+
+class follow_units(_BoardPoller):
     """While a shard map runs: adds the in-flight units' partial rows (their workers' reports to the board)
     to the rows of the committed units, so a stage of a few long units shows progress within them."""
 
     def __init__(self, key: str, progress: "Progress", committed, every_s: float = 1.0):
         self.key, self.progress, self.committed, self.every_s = key, progress, committed, every_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.board = None
-
-    def __enter__(self) -> "follow_units":
-        try:
-            self.board = start_board()
-        except Exception as exc:  # noqa: BLE001 - progress must never stop the stage
-            log.debug("no progress board: %s", exc)
-            return self
-        self._thread = threading.Thread(target=self._poll, name=f"progress-{self.key}", daemon=True)
-        self._thread.start()
-        return self
 
     def unit_done(self, unit_id: str) -> None:
         if self.board is not None:
             self.board.clear.remote(f"{self.key}/{unit_id}")
 
-    def _poll(self) -> None:
+    def _tick(self) -> None:
         import ray
 
-        while not self._stop.wait(self.every_s):
-            try:
-                partial = ray.get(self.board.partial.remote(f"{self.key}/"), timeout=10)
-            except Exception:  # noqa: BLE001
-                continue
-            done = min(self.committed() + partial, self.progress.total)
-            if done > self.progress.done:
-                self.progress.update(done, self.progress.extra.lstrip(", "))
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
+        partial = ray.get(self.board.partial.remote(f"{self.key}/"), timeout=10)
+        done = min(self.committed() + partial, self.progress.total)
+        if done > self.progress.done:
+            self.progress.update(done, self.progress.extra.lstrip(", "))
 
 
-class follow_remote:
+class follow_remote(_BoardPoller):
     """While the ``with`` body runs (e.g. a blocking ``trainer.fit()``), polls the board for ``key`` and shows
     it as ``what``'s progress."""
 
     def __init__(self, key: str, what: str, unit: str = "steps", every_s: float = 1.0, round_: int | None = None):
         self.key, self.what, self.unit, self.every_s, self.round = key, what, unit, every_s, round_
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.progress: Progress | None = None
+        self._seen = None
 
-    def __enter__(self) -> "follow_remote":
+    def _setup(self) -> None:
         import ray
 
-        try:
-            self.board = start_board()
-            ray.get(self.board.clear.remote(self.key))
-        except Exception as exc:  # noqa: BLE001 - progress must never stop the stage
-            log.debug("no progress board: %s", exc)
-            return self
-        self._thread = threading.Thread(target=self._poll, name=f"progress-{self.key}", daemon=True)
-        self._thread.start()
-        return self
+        ray.get(self.board.clear.remote(self.key))
 
-    def _poll(self) -> None:
+    def _tick(self) -> None:
         import ray
 
-        seen = None
-        while not self._stop.wait(self.every_s):
-            try:
-                item = ray.get(self.board.get.remote(self.key), timeout=10)
-            except Exception:  # noqa: BLE001
-                continue
-            if not item or item.get("t") == seen:
-                continue
-            seen = item.get("t")
-            if self.progress is None:
-                self.progress = Progress(self.what, item["total"], self.unit, stage=self.key, round_=self.round)
-            self.progress.total = item["total"]
-            self.progress.update(item["done"], item.get("extra", ""))
+        item = ray.get(self.board.get.remote(self.key), timeout=10)
+        if not item or item.get("t") == self._seen:
+            return
+        self._seen = item.get("t")
+        if self.progress is None:
+            self.progress = Progress(self.what, item["total"], self.unit, stage=self.key, round_=self.round)
+        self.progress.total = item["total"]
+        self.progress.update(item["done"], item.get("extra", ""))
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
+        super().__exit__(*exc)
         if self.progress is not None:
             self.progress.finish()

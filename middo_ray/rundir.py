@@ -59,7 +59,6 @@ class RunLock:
     def __init__(self, root: str, run_id: str):
         self.root, self.run_id = root, run_id
         self.path = storage.join(root, LOCK)
-        self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         import fcntl
@@ -70,8 +69,7 @@ class RunLock:
             log.warning("run directory %s is not on a local or shared filesystem: no lock keeps a second run "
                         "with the same run id out of it", self.root)
             return self
-        if _HELD.get(self.path) is not None:
-            self._fd = _HELD[self.path]
+        if self.path in _HELD:
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         # A reader (`middo status`) holds a shared lock for an instant: a few tries tell it from a live run.
@@ -93,7 +91,7 @@ class RunLock:
         os.write(fd, (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id,
                                   "started": datetime.now(timezone.utc).isoformat()}) + "\n").encode())
         os.fsync(fd)
-        self._fd = _HELD[self.path] = fd
+        _HELD[self.path] = fd
         return self
 
     def release(self) -> None:
@@ -101,7 +99,6 @@ class RunLock:
         fd = _HELD.pop(self.path, None)
         if fd is not None:
             os.close(fd)                                    # closing the descriptor releases the flock
-        self._fd = None
 
 
 _HELD: dict[str, int] = {}  # lock path -> descriptor, for the locks this process holds

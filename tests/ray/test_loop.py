@@ -75,24 +75,24 @@ def test_the_loop_exports_its_metrics_through_ray(loop_run):
     run, summary, _ = loop_run
     port = ray._private.worker._global_node.metrics_export_port
     r2 = json.loads((run / "round_2" / "manifest.json").read_text())
-    wanted = {"ray_middo_round", "ray_middo_stage_seconds", "ray_middo_stage_rows", "ray_middo_flags",
-              "ray_middo_rewrites_total", "ray_middo_tokens_total", "ray_middo_rows_total", "ray_middo_metric"}
+    accepted = sum(json.loads((run / f"round_{k}" / "manifest.json").read_text())["stages"]["refine"]["ok"]
+                   for k in (1, 2))
+    expected = {("ray_middo_round", ()): 2, ("ray_middo_stage_rows", (("stage", "merge"),)): r2["rows"]["out"],
+                ("ray_middo_rewrites_total", (("result", "accepted"),)): accepted,
+                **{("ray_middo_flags", (("axis", axis),)): n for axis, n in r2["flags"].items()}}
+    wanted = {"ray_middo_stage_seconds", "ray_middo_tokens_total", "ray_middo_rows_total", "ray_middo_metric"}
     series: dict = {}
-    deadline = time.time() + 60                        # the agent exports every few seconds
+    deadline = time.time() + 60     # the agent exports every few seconds; a value set just now may lag one export
     while time.time() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         series = _parse_prometheus(text, run_id="t")
-        if wanted <= {name for name, _ in series}:
+        loss = series.get(("ray_middo_metric", (("name", "heldout_loss"),)))
+        if wanted <= {name for name, _ in series} and all(series.get(k) == v for k, v in expected.items()) \
+                and loss == pytest.approx(summary["history"][-1]["heldout_loss"]):
             break
         time.sleep(2)
     assert wanted <= {name for name, _ in series}, sorted({name for name, _ in series})
-    assert series[("ray_middo_round", ())] == 2
-    assert series[("ray_middo_stage_rows", (("stage", "merge"),))] == r2["rows"]["out"]
-    for axis, n in r2["flags"].items():
-        assert series[("ray_middo_flags", (("axis", axis),))] == n
-    accepted = sum(json.loads((run / f"round_{k}" / "manifest.json").read_text())["stages"]["refine"]["ok"]
-                   for k in (1, 2))
-    assert series[("ray_middo_rewrites_total", (("result", "accepted"),))] == accepted
+    assert {k: series.get(k) for k in expected} == expected
     assert series[("ray_middo_metric", (("name", "heldout_loss"),))] == pytest.approx(
         summary["history"][-1]["heldout_loss"])
 
