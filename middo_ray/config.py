@@ -184,6 +184,13 @@ class RefineConfig(ServeSettings, _Section):
         if self.max_new_tokens > self.max_new_tokens_limit:
             problems.append(f"refine.max_new_tokens={self.max_new_tokens} exceeds refine.max_new_tokens_limit="
                             f"{self.max_new_tokens_limit}; raise the limit or lower max_new_tokens")
+        tries = 1 + (self.max_retries if self.temperature > 0 else 0)
+        per_request = self.batch_size * self.max_new_tokens * 2 * tries
+        if per_request > self.max_request_tokens:
+            problems.append(f"one refine request may generate refine.batch_size x max_new_tokens x 2 steps x "
+                            f"{tries} attempts = {per_request} tokens, over refine.max_request_tokens="
+                            f"{self.max_request_tokens}; lower batch_size, max_new_tokens or max_retries, or raise "
+                            f"max_request_tokens")
         if self.gpu_handoff == "sleep" and self.engine == "openai":
             problems.append("refine.gpu_handoff=sleep: engine 'openai' runs outside this cluster and holds none of "
                             "its GPUs; use gpu_handoff=keep")

@@ -8,8 +8,8 @@ exactly as ``serve run serve.app:build_app`` would.
 run; the judge app (``refine.judge='current'``) serves the round's checkpoint and is redeployed when asked
 for another one, so the judge follows the model being trained, and released after each refine stage (its
 next model only exists after the next training, and its CPUs or GPUs are then free for training). The
-refine stage's Ray Data workers reach both apps by name (``serve.get_app_handle``); the driver only
-deploys them.
+refine stage's Ray Data workers reach both apps' model deployment by name (``serve.get_deployment_handle``,
+past the app's HTTP gateway); the driver only deploys them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from middo_ray.wire import ServeSettings
 log = logging.getLogger("middo")
 
 APP_IMPORT_PATH = "serve.app:build_app"
+# Serve's HTTP proxies run the middlewares this names in front of their own (serve/proxy.py: a client's
+# x-request-id is bounded before the proxy echoes and logs it). Read when a proxy starts, from the Ray
+# node's environment: a Ray that a run starts for itself gets it from init_ray; a cluster sets it on its nodes.
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.proxy:middlewares"}
 HEALTH_TIMEOUT_S = 600.0
 
 
@@ -294,10 +298,12 @@ class ServeApps:
 
     @staticmethod
     def handle(name: str):
-        """The deployment handle of a running app of ours, by name."""
+        """The handle of a running app's model deployment (past its HTTP gateway), by app name."""
         from ray import serve as ray_serve
 
-        return ray_serve.get_app_handle(name)
+        from middo_ray.wire import REFINER_DEPLOYMENT
+
+        return ray_serve.get_deployment_handle(REFINER_DEPLOYMENT, name)
 
     def release_judge(self) -> None:
         """Deletes the judge app (if one runs); the teacher app stays."""

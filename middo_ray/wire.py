@@ -7,9 +7,9 @@ Kept in the library (not in ``serve/``) so the loop's client and the service agr
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from middo_ray.schema import OPERATIONS
 
@@ -23,30 +23,66 @@ Operation = Literal[OPERATIONS]
 MAX_TEXT_CHARS = 200_000        # one instruction/input/output/hint
 MAX_WIRE_SAMPLES = 4096         # samples in one refine or judge request
 MAX_WIRE_TOKENS = 32_768        # generated tokens per item
-INT64_MAX = 2**63 - 1
+# Seeds stay within JSON's exact integer range (2**53 - 1): beyond it JSON tools that read numbers as
+# doubles (JavaScript, schema validators) would change them silently.
+MAX_SEED = 2**53 - 1
+
+# The refiner app's model deployment: the loop calls it through its handle, past the HTTP gateway.
+REFINER_DEPLOYMENT = "Refiner"
+
+
+def valid_text(value: str) -> str:
+    """Refuses text that is not valid Unicode: a lone UTF-16 surrogate (JSON's ``"\\ud800"``) parses into a
+    Python string, but no tokenizer, log or file can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x} at character {exc.start}), "
+                         f"which is not valid Unicode text; send valid UTF-8") from None
+    return value
+
+
+# Every string of the wire: valid Unicode (see valid_text).
+Text = Annotated[str, AfterValidator(valid_text)]
+
+
+def _whole_float_as_int(value: Any) -> Any:
+    # JSON Schema's "integer" includes 1.0; strict mode would refuse it (and should: 1.5, "1", true).
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Every integer of the wire: an int, or a float with no fractional part (JSON Schema's integer).
+Int = Annotated[int, BeforeValidator(_whole_float_as_int)]
+
+
+def bounded_int(ge: int, le: int) -> Any:
+    """:data:`Int` within [ge, le], as a type (a bound on an optional field must sit inside the union for
+    the OpenAPI schema to carry it)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_whole_float_as_int)]
 
 
 class _Wire(BaseModel):
-    # NaN/Infinity are accepted by Python's JSON parser; they are never meaningful here. (Lone UTF-16
-    # surrogates, which no tokenizer accepts, are already refused by pydantic's str validation.)
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: a value of the wrong JSON type is refused (no "1" for 1, no 0 for false), so what the
+    # OpenAPI schema says is what the server accepts. NaN/Infinity are accepted by Python's JSON
+    # parser; they are never meaningful here.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class RefineSample(_Wire):
-    sample_id: str | None = Field(None, max_length=512, description="Caller's id, echoed back.")
-    instruction: str = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
-    input: str = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
-    output: str = Field("", max_length=MAX_TEXT_CHARS, description="Current response (not needed for synthesize).")
-    hints: list[str] = Field(default_factory=list, max_length=8,
+    sample_id: Text | None = Field(None, max_length=512, description="Caller's id, echoed back.")
+    instruction: Text = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
+    input: Text = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
+    output: Text = Field("", max_length=MAX_TEXT_CHARS, description="Current response (not needed for synthesize).")
+    hints: list[Annotated[Text, Field(max_length=MAX_TEXT_CHARS)]] = Field(default_factory=list, max_length=8,
                              description="synthesize only: neighbour prompts used as hints (2).")
 
 
 class SamplingParams(_Wire):
-    max_new_tokens: int = Field(160, ge=1, le=MAX_WIRE_TOKENS,
+    max_new_tokens: Int = Field(160, ge=1, le=MAX_WIRE_TOKENS,
                                 description="Token cap per generated text (the server may allow fewer: 413).")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, ge=-INT64_MAX, le=INT64_MAX,
+    seed: bounded_int(-MAX_SEED, MAX_SEED) | None = Field(None,
                              description="Seed for sampling; same seed and input give the same output, whatever "
                                          "else is batched with the request. None: a fresh random seed.")
 
@@ -56,7 +92,7 @@ class RefineRequest(_Wire):
     samples: list[RefineSample] = Field(..., min_length=1, max_length=MAX_WIRE_SAMPLES,
                                         description="Samples to refine (the server may allow fewer: 413).")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    max_retries: int = Field(1, ge=0, le=5)
+    max_retries: Int = Field(1, ge=0, le=5)
     prefill_marker: bool = Field(
         True, description="Start the teacher's rewrite with the operation's marker (assistant prefill). Small "
                           "teachers rarely write the marker themselves; false lets the teacher work through the "
@@ -92,10 +128,10 @@ def _judge_sampling() -> "SamplingParams":
 
 
 class JudgeSample(_Wire):
-    sample_id: str | None = Field(None, max_length=512, description="Caller's id, echoed back.")
-    instruction: str = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
-    input: str = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
-    output: str = Field("", max_length=MAX_TEXT_CHARS, description="Response to judge.")
+    sample_id: Text | None = Field(None, max_length=512, description="Caller's id, echoed back.")
+    instruction: Text = Field(..., max_length=MAX_TEXT_CHARS, description="Prompt (instruction) of the sample.")
+    input: Text = Field("", max_length=MAX_TEXT_CHARS, description="Optional extra input of the prompt.")
+    output: Text = Field("", max_length=MAX_TEXT_CHARS, description="Response to judge.")
 
 
 class JudgeRequest(_Wire):
@@ -108,7 +144,7 @@ class JudgeRequest(_Wire):
     template: Literal["auto", "default", "chat"] = Field(
         "auto", description="Prompt template of 'prob' mode: 'default' (the training template), 'chat' (the "
                             "tokenizer's chat template) or 'auto' (chat when the tokenizer has one).")
-    cutoff_len: int = Field(1024, ge=16, le=MAX_WIRE_TOKENS, description="Token cap of one judge prompt ('prob').")
+    cutoff_len: Int = Field(1024, ge=16, le=MAX_WIRE_TOKENS, description="Token cap of one judge prompt ('prob').")
     sampling: SamplingParams = Field(default_factory=_judge_sampling,
                                      description="Sampling of 'generate' mode (paper: temperature 0.1).")
 
@@ -177,6 +213,22 @@ class ServeSettings(BaseModel):
     max_samples_per_request: int = Field(64, ge=1, description="HTTP: most samples in one refine/judge request (413 above).")
     max_new_tokens_limit: int = Field(2048, ge=1, description="Most tokens one request may ask to generate per item (413 above).")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="HTTP: largest request body in bytes (413 above).")
+    max_request_tokens: int = Field(
+        131_072, ge=1, description="Most tokens one request may ask to generate in all: samples x max_new_tokens x "
+                                   "steps (2 for refine, 6 judgements for generate-mode judging) x attempts, or "
+                                   "n x max_tokens for a chat (413 above).")
+    generation_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of one request's work in the replica: generation stops there (refine "
+                                 "items fail with the reason, chat answers end with finish_reason 'length'; 504 "
+                                 "for engines that cannot stop between tokens).")
+    body_timeout_s: float = Field(30.0, gt=0, description="HTTP: seconds a client has to send its whole request body "
+                                                          "(408 and the connection closed after).")
+    slice_s: float = Field(1.0, ge=0, description="transformers engine: a generation running this long makes room for "
+                                                  "the requests waiting behind it (its rows continue in the next batch); "
+                                                  "0 = never.")
+    gateway_max_ongoing_requests: int = Field(
+        512, ge=1, description="HTTP connections one gateway replica holds at once (reading bodies, waiting for the "
+                               "model); they cost no model time.")
     api_key_env: str = Field("MIDDO_SERVE_API_KEY", description="NAME of the environment variable holding the app's API "
                                                                 "key (clients send 'Authorization: Bearer <key>'). "
                                                                 "Required when http_host is not a loopback address.")

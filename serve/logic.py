@@ -159,6 +159,13 @@ async def _run_step(gen: Generate, items: list[_Item], request: RefineRequest, s
         still: list[_Item] = []
         for it, row, out in zip(pending, rows, outs):
             it.attempts += 1
+            if out.finish_reason in ("timeout", "cancelled"):
+                # No retry: the request's time is up (or its caller gone), more attempts would only wait.
+                it.failed = True
+                it.reason = (f"{name} stopped: the request's generation deadline passed (the server's "
+                             f"generation_timeout_s); send fewer samples or tokens per request"
+                             if out.finish_reason == "timeout" else f"{name} cancelled: the caller went away")
+                continue
             text = (row.messages[-1]["content"] + out.text) if prefill else out.text
             why = check(it, text, request.operation)
             if why is not None:
@@ -266,3 +273,60 @@ def run_judge(engine: Engine, request: JudgeRequest) -> JudgeResponse:
     else:
         scores = asyncio.run(judge_generate(direct(engine), request))
     return judge_response(request, np.asarray(scores, dtype=np.float64), engine.model_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# What one request may ask of the server.
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A server's limits on one request (from its arguments and its engine)."""
+
+    max_samples: int
+    max_new_tokens: int          # per generated item
+    max_request_tokens: int      # in all, over every item, step and attempt
+
+
+def generation_budget(kind: str, body, chat_default: int = 256) -> int:
+    """Tokens a request may generate at most: what :attr:`Limits.max_request_tokens` bounds.
+
+    refine: samples x max_new_tokens x 2 steps x attempts; judge 'generate': samples x 6 judgements x
+    max_new_tokens x 1; chat: n x max_tokens; judge 'prob' generates nothing.
+    """
+    if kind == "refine":
+        sp = body.sampling
+        tries = 1 + (body.max_retries if sp.temperature > 0 else 0)
+        return len(body.samples) * sp.max_new_tokens * 2 * tries
+    if kind == "judge":
+        return 0 if body.mode == "prob" else len(body.samples) * 6 * body.sampling.max_new_tokens
+    if kind == "chat":
+        return body.n * body.token_cap(chat_default)
+    raise ValueError(f"unknown request kind {kind!r}")
+
+
+def check_limits(kind: str, body, limits: Limits, samples: bool = True) -> None:
+    """Refuses (413, naming the limit and the fix) a request over the server's limits.
+
+    Raises:
+        serve.security.ClientError: Too many samples (when ``samples``), too many tokens per item, or
+            too many tokens in all.
+    """
+    from serve.security import ClientError
+
+    if samples and kind in ("refine", "judge") and len(body.samples) > limits.max_samples:
+        raise ClientError(413, f"{len(body.samples)} samples in one request exceed this server's limit of "
+                               f"{limits.max_samples} (max_samples_per_request); split the request")
+    chat_default = min(256, limits.max_new_tokens)
+    per_item = {"refine": lambda: body.sampling.max_new_tokens,
+                "chat": lambda: max(body.token_cap(chat_default), body.max_tokens or 0),
+                "judge": lambda: body.sampling.max_new_tokens}[kind]()
+    what = "max_tokens" if kind == "chat" else "sampling.max_new_tokens"
+    if per_item > limits.max_new_tokens:
+        raise ClientError(413, f"{what}={per_item} exceeds this server's limit of {limits.max_new_tokens} tokens per "
+                               f"item (max_new_tokens_limit); ask for fewer")
+    total = generation_budget(kind, body, chat_default)
+    if total > limits.max_request_tokens:
+        raise ClientError(413, f"this request may generate {total} tokens in all (samples x tokens x steps x attempts), "
+                               f"over this server's limit of {limits.max_request_tokens} per request "
+                               f"(max_request_tokens); split it or ask for fewer tokens or retries")

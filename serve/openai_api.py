@@ -3,7 +3,7 @@
 A text-only subset of the Chat Completions API, enough for the official ``openai`` client and for
 another copy of this app's external engine: messages (string or text-part content), ``max_tokens`` /
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``. Unknown fields are
-ignored (clients send many optional ones); ``stream=true`` is refused with 422. vLLM's
+ignored (clients send many optional ones); ``stream`` must be false (the schema says so). vLLM's
 ``continue_final_message`` is supported: the answer continues the last (assistant) message.
 """
 
@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from middo_ray.wire import INT64_MAX, MAX_TEXT_CHARS, MAX_WIRE_TOKENS
+from middo_ray.wire import MAX_SEED, MAX_TEXT_CHARS, MAX_WIRE_TOKENS, Int, Text, bounded_int
 
 MAX_MESSAGES = 256
 MAX_CHOICES = 8
 
 
+def _only_bool(value):
+    # Literal[False] alone would take 0 (0 == False in Python).
+    if not isinstance(value, bool):
+        raise ValueError("Input should be a valid boolean")
+    return value
+
+
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class _Out(BaseModel):
@@ -31,12 +38,13 @@ class _Out(BaseModel):
 
 class TextPart(_In):
     type: Literal["text"] = Field(..., description="Only text parts are supported.")
-    text: str = Field(..., max_length=MAX_TEXT_CHARS)
+    text: Text = Field(..., max_length=MAX_TEXT_CHARS)
 
 
 class ChatMessage(_In):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts.")
+    content: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | list[TextPart] | None = Field(
+        None, description="Text, or a list of text parts.")
 
     def text(self) -> str:
         if self.content is None:
@@ -47,30 +55,29 @@ class ChatMessage(_In):
 
 
 class ChatCompletionRequest(_In):
-    model: str = Field(..., max_length=512, description="Served model id (see GET /v1/models).")
+    model: Text = Field(..., max_length=512, description="Served model id (see GET /v1/models).")
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_WIRE_TOKENS, description="Token cap of the answer.")
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_WIRE_TOKENS, description="Alias of max_tokens.")
+    max_tokens: bounded_int(1, MAX_WIRE_TOKENS) | None = Field(None, description="Token cap of the answer.")
+    max_completion_tokens: bounded_int(1, MAX_WIRE_TOKENS) | None = Field(
+        None, description="Alias of max_tokens.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (each with its own seed).")
-    seed: int | None = Field(None, ge=-INT64_MAX, le=INT64_MAX)
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer.")
-    stream: bool = Field(False, description="Streaming is not supported; must be false.")
-    continue_final_message: bool = Field(False, description="Continue the last (assistant) message (vLLM extension).")
+    n: Int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (each with its own seed).")
+    seed: bounded_int(-MAX_SEED, MAX_SEED) | None = None
+    stop: Annotated[Text, Field(max_length=256)] | Annotated[list[Annotated[Text, Field(max_length=256)]],
+                                                              Field(max_length=4)] | None = Field(
+        None, description="Up to 4 strings of at most 256 characters that end the answer.")
+    stream: Annotated[Literal[False], BeforeValidator(_only_bool)] = Field(
+        False, description="Streaming is not supported; must be false.")
+    continue_final_message: bool = Field(False, description="Continue the last message when it is the assistant's "
+                                                            "(vLLM extension); ignored otherwise.")
     add_generation_prompt: bool = Field(True, description="Accepted for vLLM compatibility; implied by "
                                                           "continue_final_message.")
 
-    @model_validator(mode="after")
-    def _checks(self) -> "ChatCompletionRequest":
-        if self.stream:
-            raise ValueError("stream=true is not supported by this server; send stream=false")
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4 or any(len(s) > 256 for s in stops):
-            raise ValueError("stop: at most 4 strings of at most 256 characters")
-        if self.continue_final_message and self.messages[-1].role != "assistant":
-            raise ValueError("continue_final_message=true needs the last message to be from the assistant")
-        return self
+    def continues(self) -> bool:
+        """Whether the answer continues the last message: asked for, and that message is the assistant's
+        (otherwise the flag has nothing to continue and a normal answer is generated)."""
+        return bool(self.continue_final_message) and self.messages[-1].role == "assistant"
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

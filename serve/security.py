@@ -7,17 +7,25 @@
 - The key is checked by an ASGI middleware before anything else reads the request, so an
   unauthenticated client learns nothing (not even whether its body would validate).
 - Bodies larger than the limit are refused with 413 before they are parsed, by an ASGI middleware
-  that checks ``Content-Length`` and counts streamed bytes.
+  that checks ``Content-Length`` and counts streamed bytes; a body not complete within the body
+  deadline is answered 408 and its connection closed (a slow client holds no model time and no slot
+  beyond it).
+- Without a key (loopback only) the ``Host`` header must name loopback too, so a web page whose DNS
+  name is rebound to 127.0.0.1 cannot reach the server from a browser.
+- A client's ``x-request-id`` is kept only when short and plain (:func:`clean_request_id`).
 - Every error is answered as ``{"error": {"message", "type", "code"}}`` (the OpenAI layout, which
   the ``openai`` client turns into readable exceptions).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
 import json
+import re
+import uuid
 from typing import Any, Callable
 
 from middo_ray.wire import ServeSettings
@@ -27,10 +35,42 @@ DEFAULT_MAX_BODY_BYTES: int = ServeSettings.model_fields["max_body_bytes"].defau
 
 # The replica's body limit. Kept here, behind functions, because Serve pickles the deployment class
 # by value: module state that the class touched directly would be a copy, not what the middleware reads.
-_RUNTIME: dict[str, Any] = {"max_body_bytes": DEFAULT_MAX_BODY_BYTES, "key_digest": None, "key_env": DEFAULT_KEY_ENV}
+_RUNTIME: dict[str, Any] = {"max_body_bytes": DEFAULT_MAX_BODY_BYTES, "key_digest": None, "key_env": DEFAULT_KEY_ENV,
+                            "body_timeout_s": ServeSettings.model_fields["body_timeout_s"].default}
 
 # Routes anyone may call: liveness and the API description.
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+
+REQUEST_ID_MAX = 128
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,%d}" % REQUEST_ID_MAX)
+
+
+class ClientError(ValueError):
+    """A request the server will not serve, with the HTTP status to answer.
+
+    A ValueError, so handle callers (the loop) see what they always saw; the gateway answers ``status``.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(status, message, retry_after)
+        self.status = int(status)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def clean_request_id(value: str | None) -> str | None:
+    """A client's request id when it is 1-128 characters of ``A-Za-z0-9._:-``, else None (a fresh one is made)."""
+    if value and _REQUEST_ID.fullmatch(value):
+        return value
+    return None
+
+
+def set_body_timeout(seconds: float) -> None:
+    """Sets this process's body deadline (seconds from the first byte asked for to the last)."""
+    _RUNTIME["body_timeout_s"] = float(seconds)
 
 
 def set_api_key(digest: str | None, key_env: str) -> None:
@@ -77,6 +117,18 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to a public address
 
 
+def loopback_host_header(value: str | None) -> bool:
+    """Whether a ``Host`` header names this machine (``localhost``, ``127.x.y.z``, ``[::1]``, any port)."""
+    if not value:
+        return True  # HTTP/1.0 without Host: nothing a browser would send
+    host = value.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return is_loopback(host)
+
+
 def require_key_off_loopback(host: str, digest: str | None, key_env: str) -> None:
     """Refuses to serve beyond loopback without an API key.
 
@@ -92,8 +144,9 @@ def require_key_off_loopback(host: str, digest: str | None, key_env: str) -> Non
 
 def error_body(status: int, message: str, kind: str | None = None, code: Any = None) -> dict:
     """The JSON error layout of every non-2xx answer."""
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "request_too_large", 422: "invalid_request_error", 503: "overloaded_error"}
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 422: "invalid_request_error",
+             503: "overloaded_error", 504: "timeout_error"}
     return {"error": {"message": message, "type": kind or kinds.get(status, "server_error"),
                       "code": code if code is not None else status}}
 
@@ -101,6 +154,36 @@ def error_body(status: int, message: str, kind: str | None = None, code: Any = N
 def _route_path(scope) -> str:
     path, root = scope.get("path", ""), scope.get("root_path", "")
     return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+class GuardMiddleware:
+    """ASGI middleware: the Host check of keyless mode (403) and a bounded, plain ``x-request-id``.
+
+    An id that is not 1-128 characters of ``A-Za-z0-9._:-`` is replaced by a fresh one before anything
+    below reads it; the answer carries the id used.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers", [])
+        if not _RUNTIME["key_digest"]:
+            host = next((v.decode("latin-1") for k, v in headers if k == b"host"), None)
+            if not loopback_host_header(host):
+                shown = host if len(host or "") <= 64 else host[:64] + "..."
+                message = (f"Host '{shown}' refused: this server has no API key, so it answers only requests "
+                           f"addressed to a loopback name (localhost, 127.0.0.1, [::1]); set {_RUNTIME['key_env']} "
+                           f"to serve other hosts")
+                return await _send_json(send, 403, error_body(403, message))
+        raw = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
+        if raw is not None and clean_request_id(raw) is None:
+            fresh = uuid.uuid4().hex
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in headers if k != b"x-request-id"] + [(b"x-request-id", fresh.encode())]
+        return await self.app(scope, receive, send)
 
 
 class AuthMiddleware:
@@ -129,9 +212,10 @@ class BodyLimitMiddleware:
         limit: Returns the current limit in bytes (read per request, so the replica can set it).
     """
 
-    def __init__(self, app, limit: Callable[[], int] = body_limit):
+    def __init__(self, app, limit: Callable[[], int] = body_limit, timeout: Callable[[], float] | None = None):
         self.app = app
         self.limit = limit
+        self.timeout = timeout or (lambda: _RUNTIME["body_timeout_s"])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -145,12 +229,21 @@ class BodyLimitMiddleware:
                     return await _send_json(send, 400, error_body(400, "Content-Length is not a number"))
                 if size > limit:
                     return await _send_json(send, 413, _too_large(size, limit))
-        # No (or a small) Content-Length: read the body here, up to the limit, and replay it. FastAPI
-        # reads whole bodies before parsing anyway, so buffering costs no extra memory.
+        # No (or a small) Content-Length: read the body here, up to the limit and within the body
+        # deadline, and replay it. FastAPI reads whole bodies before parsing anyway, so buffering costs
+        # no extra memory.
         chunks: list[bytes] = []
         seen = 0
+        timeout = float(self.timeout())
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, until - loop.time()))
+            except asyncio.TimeoutError:
+                return await _send_json(send, 408, error_body(
+                    408, f"request body not received within {timeout:g}s ({seen} bytes came; body_timeout_s); "
+                         f"send the whole body at once"), headers=[(b"connection", b"close")])
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))

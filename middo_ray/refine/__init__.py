@@ -139,7 +139,10 @@ class _Client:
         if self._handle is None:
             from ray import serve as ray_serve
 
-            self._handle = ray_serve.get_app_handle(self.app)
+            from middo_ray.wire import REFINER_DEPLOYMENT
+
+            # The model deployment itself: the app's HTTP gateway would only add a hop.
+            self._handle = ray_serve.get_deployment_handle(REFINER_DEPLOYMENT, self.app)
         return self._handle
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -41,6 +42,11 @@ class GenRow:
         continue_final: The last message is an assistant prefix that the answer continues; the
             returned text does not repeat it.
         stop: Strings that end the text (the text is cut before the first one).
+        deadline: ``time.monotonic()`` after which the row stops where it is (finish_reason 'timeout');
+            None: no deadline. Honoured by the transformers engine between tokens; the app also bounds
+            every request as a whole.
+        cancelled: Set when the caller has gone; the row then stops at its next token
+            (finish_reason 'cancelled').
     """
 
     messages: list[dict[str, str]]
@@ -50,6 +56,16 @@ class GenRow:
     seed: int = 0
     continue_final: bool = False
     stop: list[str] = field(default_factory=list)
+    deadline: float | None = None
+    cancelled: threading.Event | None = None
+
+    def ended(self, now: float) -> str | None:
+        """'cancelled' or 'timeout' when the row must stop now, else None."""
+        if self.cancelled is not None and self.cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
 
 
 @dataclass
@@ -59,7 +75,9 @@ class GenOut:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
+    # "stop" (EOS or a stop string), "length" (hit max_new_tokens), "timeout" (the row's deadline passed)
+    # or "cancelled" (its caller went away); the last two keep the text generated so far.
+    finish_reason: str = "stop"
 
 
 @runtime_checkable

@@ -10,7 +10,9 @@ the Serve app batch unrelated requests together and still promise "same seed, sa
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from serve.engines.base import (_SEED_MOD, DEFAULT_MAX_BATCH, GenOut, GenRow, _judge_rows, _LocalModel,
                                 cut_at_stop, row_seed)
@@ -22,18 +24,19 @@ class _RowSampler:
     ``generate`` runs greedy; this processor replaces each sampling row's scores by a one-hot of the
     token it drew, so greedy picks exactly that token. Each row consumes one uniform draw per step
     from its own ``torch.Generator``, so its tokens depend only on its seed and its own logits.
-    Rows that reached their own ``max_new_tokens`` are forced to EOS.
+    Rows that reached their own ``max_new_tokens`` are forced to EOS. The generators live in the rows'
+    :class:`GenState`, so a row continued in a later call draws on from where it stopped.
     """
 
-    def __init__(self, rows: list[GenRow], prompt_width: int, eos_id: int | None):
+    def __init__(self, rows: list[GenRow], remaining: list[int], gens: list, prompt_width: int, eos_id: int | None):
         import torch
 
         self.prompt_width = prompt_width
         self.eos_id = eos_id
         self.temps = torch.tensor([max(0.0, float(r.temperature)) for r in rows], dtype=torch.float32)
         self.top_p = torch.tensor([float(r.top_p) for r in rows], dtype=torch.float32)
-        self.max_new = torch.tensor([int(r.max_new_tokens) for r in rows])
-        self.gens = [torch.Generator().manual_seed(int(r.seed) % _SEED_MOD) for r in rows]
+        self.max_new = torch.tensor([int(n) for n in remaining])
+        self.gens = gens
         self.sampling = self.temps > 0
 
     def __call__(self, input_ids, scores):
@@ -62,6 +65,55 @@ class _RowSampler:
                 out[done] = float("-inf")
                 out[done, self.eos_id] = 0.0
         return out
+
+
+@dataclass
+class GenState:
+    """A row being generated, possibly over several :meth:`TransformersEngine.advance` calls.
+
+    Attributes:
+        row: The request row.
+        generator: The row's sampling stream (one draw per generated token).
+        prompt_ids: Token ids of its rendered prompt (set on first use).
+        tokens: Tokens generated so far (EOS excluded).
+        out: The finished result, or None while the row is still running.
+    """
+
+    row: GenRow
+    generator: Any = None
+    prompt_ids: list[int] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text_len: int = 0
+    out: GenOut | None = None
+
+
+class _Stopper:
+    """Stopping criterion: ends a row at its deadline or cancellation, or every row when ``yield_now`` says so.
+
+    ``stopped_at[j]`` is how many of this call's tokens row j keeps (None: it ran on to its EOS or cap).
+    """
+
+    def __init__(self, rows: list[GenRow], width: int, eos_ids: list[int], yield_now) -> None:
+        import torch
+
+        self.rows, self.width, self.yield_now = rows, width, yield_now
+        self.eos = torch.tensor(eos_ids or [-1], dtype=torch.long)
+        self.t0 = time.monotonic()
+        self.stopped_at: list[int | None] = [None] * len(rows)
+        self.yielded = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        step = input_ids.shape[1] - self.width
+        now = time.monotonic()
+        if not self.yielded and self.yield_now is not None:
+            some_done = bool(torch.isin(input_ids[:, -1].cpu(), self.eos).any())
+            self.yielded = bool(self.yield_now(now - self.t0, step, some_done))
+        for j, r in enumerate(self.rows):
+            if self.stopped_at[j] is None and (self.yielded or r.ended(now)):
+                self.stopped_at[j] = step
+        return torch.tensor([s is not None for s in self.stopped_at], dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersEngine(_LocalModel):
@@ -134,76 +186,129 @@ class TransformersEngine(_LocalModel):
     def count_tokens(self, text: str) -> int:
         return len(self._tok(text, add_special_tokens=False)["input_ids"])
 
-    def _encode(self, texts: list[str], max_new_tokens: int) -> dict[str, Any]:
-        """Tokenizes a chunk with left padding, keeping the end of over-long prompts.
+    def start(self, rows: list[GenRow]) -> list["GenState"]:
+        """One :class:`GenState` per row, to be run by :meth:`advance` (tokenized on first use)."""
+        import torch
+
+        return [GenState(row=r, generator=torch.Generator().manual_seed(int(r.seed) % _SEED_MOD)) for r in rows]
+
+    def _prepare(self, state: "GenState") -> None:
+        """Renders and tokenizes a row's prompt once, keeping the end of an over-long prompt.
 
         When prompt plus generation would exceed the model's positions, the start of the prompt is
         cut: the end holds the generation prompt (and, in our prompts, the text to rewrite), without
         which the model cannot answer at all.
         """
-        kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True}
+        if state.prompt_ids is not None:
+            return
+        # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
+        filler = self._tok.bos_token or self._tok.eos_token or " "
+        text = self.render(state.row.messages, state.row.continue_final) or filler
         # The chat template already wrote BOS and role tokens; adding specials again would double them.
-        kwargs["add_special_tokens"] = not self._use_template
+        kwargs: dict[str, Any] = {"add_special_tokens": not self._use_template}
         if self._max_len:
-            budget = self._max_len - max_new_tokens
+            budget = self._max_len - int(state.row.max_new_tokens)
             if budget < 8:
-                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a model "
+                raise ValueError(f"max_new_tokens={state.row.max_new_tokens} leaves no room for the prompt in a model "
                                  f"with {self._max_len} positions; lower max_new_tokens")
             self._tok.truncation_side = "left"
             kwargs.update(truncation=True, max_length=budget)
-        enc = self._tok(texts, **kwargs)
-        return {k: v.to(self._device) for k, v in enc.items()}
+        state.text_len = len(text)
+        state.prompt_ids = list(self._tok(text, **kwargs)["input_ids"])
 
     def generate_rows(self, rows: list[GenRow]) -> list[GenOut]:
-        """Generates every row, in length-sorted forward batches of at most ``max_batch`` rows.
+        """Generates every row to its end, in length-sorted forward batches of at most ``max_batch`` rows.
 
         Returns:
             One GenOut per row, in input order; special tokens stripped, prefills not repeated.
         """
+        states = self.start(rows)
+        for s in states:
+            self._prepare(s)
+        # Length-sorted chunks waste less compute on padding; results stay in input order.
+        order = sorted(range(len(states)), key=lambda i: (states[i].text_len, i))
+        for begin in range(0, len(order), self._max_batch):
+            self.advance([states[i] for i in order[begin:begin + self._max_batch]])
+        return [s.out for s in states]  # type: ignore[misc]
+
+    def advance(self, states: list["GenState"], yield_now: Callable[[float, int, bool], bool] | None = None) -> None:
+        """Runs one forward-batch generation over the unfinished states (at most ``max_batch`` at a time).
+
+        A state is finished (``out`` set) at its EOS, its ``max_new_tokens``, its deadline or its
+        cancellation. ``yield_now(seconds, tokens, some_row_done)``, asked after every token, may end the
+        call early: the unfinished rows keep their tokens and their random generators, and a later
+        ``advance`` continues them from the prompt plus what they have (one re-read of that text).
+        This is how the app lets a long generation make room for the requests waiting behind it.
+        """
+        live = []
+        now = time.monotonic()
+        for s in states:
+            if s.out is not None:
+                continue
+            self._prepare(s)
+            why = s.row.ended(now)
+            if why:
+                s.out = self._finish(s, why)
+            else:
+                live.append(s)
+        for begin in range(0, len(live), self._max_batch):
+            self._advance_chunk(live[begin:begin + self._max_batch], yield_now)
+
+    def _advance_chunk(self, chunk: list["GenState"], yield_now) -> None:
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteriaList
 
-        if not rows:
-            return []
         self._use_threads()
-        # An empty chat would give no token to start from; the BOS (or EOS) text stands in for it.
-        filler = self._tok.bos_token or self._tok.eos_token or " "
-        texts = [self.render(r.messages, r.continue_final) or filler for r in rows]
-        # Length-sorted chunks waste less compute on padding; results are put back in input order.
-        order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-        outputs: list[GenOut | None] = [None] * len(rows)
-        pad = self._tok.pad_token_id
-        for start in range(0, len(order), self._max_batch):
-            idx = order[start:start + self._max_batch]
-            chunk = [rows[i] for i in idx]
-            max_new = max(int(r.max_new_tokens) for r in chunk)
-            enc = self._encode([texts[i] for i in idx], max_new)
-            width = enc["input_ids"].shape[1]
-            sampler = _RowSampler(chunk, width, self._eos_ids[0] if self._eos_ids else None)
-            gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=self._eos_ids or None,
-                                       pad_token_id=pad, bos_token_id=self._tok.bos_token_id)
-            with torch.inference_mode():
-                out = self._model.generate(**enc, generation_config=gen_cfg, logits_processor=[sampler])
-            # With left padding every row's prompt ends at the same column, so new tokens start there.
-            new_tokens = out[:, width:].tolist()
-            prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
-            for j, i in enumerate(idx):
-                outputs[i] = self._finish(new_tokens[j], rows[i], int(prompt_lens[j]))
-        return outputs  # type: ignore[return-value]
+        pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else (self._eos_ids or [0])[0]
+        seqs = [s.prompt_ids + s.tokens for s in chunk]
+        width = max(len(x) for x in seqs)
+        # Left padding: every row's text ends where generation starts.
+        input_ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            input_ids[j, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention[j, width - len(seq):] = 1
+        remaining = [int(s.row.max_new_tokens) - len(s.tokens) for s in chunk]
+        rows = [s.row for s in chunk]
+        sampler = _RowSampler(rows, remaining, [s.generator for s in chunk], width,
+                              self._eos_ids[0] if self._eos_ids else None)
+        stopper = _Stopper(rows, width, self._eos_ids, yield_now)
+        gen_cfg = GenerationConfig(max_new_tokens=max(remaining), do_sample=False, eos_token_id=self._eos_ids or None,
+                                   pad_token_id=pad, bos_token_id=self._tok.bos_token_id)
+        with torch.inference_mode():
+            out = self._model.generate(input_ids=input_ids.to(self._device), attention_mask=attention.to(self._device),
+                                       generation_config=gen_cfg, logits_processor=[sampler],
+                                       stopping_criteria=StoppingCriteriaList([stopper]))
+        new_tokens = out[:, width:].tolist()
+        now = time.monotonic()
+        for j, s in enumerate(chunk):
+            valid = new_tokens[j][:remaining[j]]
+            if stopper.stopped_at[j] is not None:
+                valid = valid[:stopper.stopped_at[j]]
+            hit_eos = False
+            for k, t in enumerate(valid):
+                if t in self._eos_ids:
+                    valid, hit_eos = valid[:k], True
+                    break
+            s.tokens.extend(valid)
+            if hit_eos:
+                s.out = self._finish(s, "stop")
+            elif len(s.tokens) >= int(s.row.max_new_tokens):
+                s.out = self._finish(s, "length")
+            elif s.row.ended(now):
+                s.out = self._finish(s, s.row.ended(now) or "timeout")
+            elif not stopper.yielded:
+                # generate ended the row without EOS or cap (e.g. the model's positions ran out).
+                s.out = self._finish(s, "length")
 
-    def _finish(self, tokens: list[int], row: GenRow, prompt_tokens: int) -> GenOut:
-        """Cuts a row's new tokens at its EOS and its own cap, decodes, applies stop strings."""
-        n = 0
-        hit_eos = False
-        for t in tokens[: int(row.max_new_tokens)]:
-            if t in self._eos_ids:
-                hit_eos = True
-                break
-            n += 1
-        text = self._tok.decode(tokens[:n], skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, row.stop)
-        reason = "stop" if (hit_eos or stopped or n < int(row.max_new_tokens)) else "length"
-        return GenOut(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=n, finish_reason=reason)
+    def _finish(self, state: "GenState", reason: str) -> GenOut:
+        """Decodes a row's tokens and applies its stop strings."""
+        text = self._tok.decode(state.tokens, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, state.row.stop)
+        if stopped:
+            reason = "stop"
+        return GenOut(text=text.strip(), prompt_tokens=len(state.prompt_ids or []), completion_tokens=len(state.tokens),
+                      finish_reason=reason)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 160, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, prefills: list[str] | None = None) -> list[str]:
