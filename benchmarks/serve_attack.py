@@ -2,7 +2,8 @@
 
 The benchmark starts its own local Ray and Serve (a free loopback port) and one refiner app from
 ``serve.app.build_app`` with the tiny model, an API key and small limits: ``max_ongoing_requests`` and
-``max_queued_requests`` (default 4 and 8) small enough that a burst exceeds them. Then it attacks the
+``max_queued_requests`` (default 4 and 8) small enough that a burst exceeds them, and a body deadline
+(``body_timeout_s``) of 5 s, shorter than a scenario. Then it attacks the
 app as a hostile client would, one scenario after another (never two at a time):
 
 - ``baseline``: only the small stream and the probe (below). Always run: the others are compared with it.
@@ -51,7 +52,7 @@ cores it takes CPU from it (the load average is recorded).
 
     .venv/bin/python benchmarks/serve_attack.py --quick                 # ~1.5 min with the tiny model
     .venv/bin/python benchmarks/serve_attack.py --scenarios slow-body burst --seconds 30
-    .venv/bin/python benchmarks/serve_attack.py --app-arg body_timeout_s=5   # any other build_app argument
+    .venv/bin/python benchmarks/serve_attack.py --app-arg slice_s=0.25  # any other build_app argument
     .venv/bin/python benchmarks/serve_attack.py --strict                # exit 1 if a goal fails
 
 Prints a table and the goals, and writes JSON (default: benchmarks/results/serve_attack.json). The exit
@@ -820,6 +821,10 @@ def main() -> int:
         key = os.environ.get(KEY_ENV) or "attack-bench-key"
         os.environ[KEY_ENV] = key
         os.environ["MIDDO_TORCH_THREADS"] = str(args.threads)
+        from middo_ray.serve_apps import PROXY_ENV
+
+        for k, v in PROXY_ENV.items():   # Serve's proxies bound client request ids, as in a run's own Ray
+            os.environ.setdefault(k, v)
         ray.init(address="local", num_cpus=4, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("MIDDO_CACHE", "MIDDO_TORCH_THREADS")
                                            if k in os.environ}})
@@ -830,7 +835,9 @@ def main() -> int:
         app_args = {"model": args.model, "num_cpus": args.num_cpus, "api_key_env": KEY_ENV, "http_host": host,
                     "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
                     "retry_after_s": 1, "max_new_tokens_limit": args.token_limit, "max_body_bytes": args.max_body_bytes,
-                    "max_samples_per_request": 4, "batch_wait_s": 0.02, **overrides}
+                    "max_samples_per_request": 4, "batch_wait_s": 0.02,
+                    # Shorter than a scenario, so the slow-body scenario sees the server drop its clients.
+                    "body_timeout_s": 5, **overrides}
         result["app_args"] = {k: v for k, v in app_args.items() if k != "api_key_env"}
         serve.run(build_app(app_args), name=APP_NAME, route_prefix=ROUTE_PREFIX)
         target = Target(host, port, key, args)

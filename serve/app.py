@@ -244,6 +244,14 @@ class Refiner:
             start += len(c)
         return parts
 
+    async def _give_way(self, longest_s: float = 30.0) -> None:
+        """A generation that yielded waits until the work that was waiting then has started, so the next batch
+        is that work alone (a short request is not batched with the long one's re-read of its context)."""
+        ahead = set(self._waiting)
+        until = time.monotonic() + longest_s
+        while ahead & set(self._waiting) and time.monotonic() < until:
+            await asyncio.sleep(0.005)
+
     async def _piece(self, piece: list) -> list:
         self._waiting[id(piece)] = len(piece)
         try:
@@ -271,6 +279,8 @@ class Refiner:
                 while pending:
                     await asyncio.gather(*(self._piece(pending[i:i + size]) for i in range(0, len(pending), size)))
                     pending = [s for s in pending if s.out is None]
+                    if pending:
+                        await self._give_way()
                 outs = [s.out for s in states]
             else:
                 pieces = await asyncio.gather(*(self._piece(rows[i:i + size]) for i in range(0, len(rows), size)))
@@ -360,15 +370,13 @@ class Refiner:
                 if scheduled is not None:       # vLLM schedules the scoring requests itself
                     scores = await scheduled(rows, body.template, body.cutoff_len)
                 else:
-                    # In pieces, each its own turn at the model, so a large judge request interleaves.
-                    size, parts = max(1, self._args.batch_max_rows), []
-                    for i in range(0, len(rows), size):
-                        if time.monotonic() > w.deadline:
-                            raise asyncio.TimeoutError
-                        async with self._compute:
-                            parts.append(await asyncio.to_thread(self._engine.judge_prob,  # type: ignore[attr-defined]
-                                                                 rows[i:i + size], body.template, body.cutoff_len))
-                    scores = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+                    # One call: the judge's token-budget batching decides the forward batches, so a sample's scores
+                    # do not depend on how a request was cut (the golden results pin them). A request is bounded by
+                    # max_samples_per_request x cutoff_len; requests take turns at the model.
+                    async with self._compute:
+                        scores = await asyncio.to_thread(self._engine.judge_prob,  # type: ignore[attr-defined]
+                                                         rows, body.template, body.cutoff_len)
+                    scores = np.asarray(scores, dtype=np.float64)
             else:
                 scores = await logic.judge_generate(self._gen(w), body)
             resp = logic.judge_response(body, scores, self._engine.model_id)
@@ -571,11 +579,28 @@ class Gateway:
         self._refiner = refiner
         self._info: dict | None = None
         self._schema: dict | None = None
+        # Set when a call found the model replica dead: requests are refused at once (503) instead of
+        # waiting in Serve's router for its restart, until a probe reaches a replica again.
+        self._down: asyncio.Task | None = None
         self._metrics = ServeMetrics()
         set_current(self._metrics)
         set_body_limit(a.max_body_bytes)
         set_body_timeout(a.body_timeout_s)
         set_api_key(api_key_digest, a.api_key_env)
+
+    def _mark_down(self) -> None:
+        if self._down is None or self._down.done():
+            self._down = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    async def _probe_until_up(self, every_s: float = 0.5, longest_s: float = 600.0) -> None:
+        """Asks the model deployment for its info until a replica answers (then requests pass again)."""
+        until = time.monotonic() + longest_s
+        while time.monotonic() < until:
+            try:
+                await asyncio.wait_for(self._refiner.info.remote(), timeout=5)
+                return
+            except Exception:  # noqa: BLE001 - still restarting
+                await asyncio.sleep(every_s)
 
     async def _model_info(self) -> dict:
         """The Refiner's identity and limits, asked once (the same for every replica of it)."""
@@ -595,6 +620,9 @@ class Gateway:
 
         args = () if payload is None else (payload,)
         retry = self._args.retry_after_s
+        if http and self._down is not None and not self._down.done():
+            raise HTTPException(503, f"the model replica is restarting; retry after {retry:g}s",
+                                headers={"Retry-After": f"{retry:g}"})
         response = None
         try:
             response = getattr(self._refiner, method).remote(*args)
@@ -613,6 +641,7 @@ class Gateway:
                                      f"max_queued_requests); retry after {retry:g}s",
                                 headers={"Retry-After": f"{retry:g}"}) from None
         except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError) as exc:
+            self._mark_down()
             if not http:
                 raise
             raise HTTPException(503, f"the model replica stopped while serving this request "
@@ -655,13 +684,16 @@ class Gateway:
     @api.get("/healthz", responses={503: {"description": "The model replica is not up (yet)."}})
     async def healthz(self):
         """Liveness of the app and the served model (no key needed). Serve checks the model replicas
-        themselves (and restarts a failed one); this answers from the gateway, never queued behind work."""
+        themselves (and restarts a failed one); this answers from the gateway, never queued behind work:
+        503 while a replica that died under a request has not been reached again."""
         try:
+            if self._down is not None and not self._down.done():
+                raise RuntimeError("restarting")
             info = await asyncio.wait_for(self._model_info(), timeout=5)
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready to serve"
             return JSONResponse(status_code=503, headers={"Retry-After": f"{self._args.retry_after_s:g}"},
                                 content={"status": "unhealthy", "reason": f"model replica not reachable: "
-                                                                          f"{type(exc).__name__}"})
+                                                                          f"{type(exc).__name__}: {exc}"[:200]})
         return {"status": "ok", "model": info["model"]}
 
     @api.get("/openapi.json", include_in_schema=False)

@@ -40,31 +40,29 @@ def signal_record(row: dict) -> dict:
     return {k: _num(row.get(k)) for k in SIGNAL_KEYS}
 
 
-TRIGGER_DECIMALS = 5
-
-
-def _rounded(x):
+def _shape(x):
     if isinstance(x, float):
-        return round(x, TRIGGER_DECIMALS)
+        return "<number>"
     if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
+        return {k: _shape(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_rounded(v) for v in x]
+        return [_shape(v) for v in x]
     return x
 
 
 def _trigger(text):
-    """A row's trigger (JSON of the scores and thresholds that changed it) with its numbers rounded to
-    TRIGGER_DECIMALS places: float32 matrix products differ in the last bit between CPUs (the exact kNN's
-    similarities on two machines differed by 1.5e-7), and the trigger records those similarities and the
-    thresholds computed from them. The signals themselves are compared within 1e-6 (compare.py)."""
+    """A row's trigger (JSON of the scores and thresholds that changed it) with its numbers left out: which
+    scores and thresholds it names is pinned, their values are not. float32 matrix products differ in the
+    last bits between CPUs (the exact kNN's similarities on two machines differed by 1.5e-7), the trigger
+    records those numbers and thresholds made of them, and any rounding of them flips on some machine (5
+    places did). The values themselves are the signals, compared within 1e-6 (compare.py)."""
     if not text:
         return text
-    return json.dumps(_rounded(json.loads(text)), sort_keys=True)
+    return json.dumps(_shape(json.loads(text)), sort_keys=True)
 
 
 def digest_rows(rows: list[dict]) -> str:
-    """SHA-256 of the rows' text and lineage columns, in order (the trigger's numbers rounded: _trigger)."""
+    """SHA-256 of the rows' text and lineage columns, in order (the trigger without its numbers: _trigger)."""
     h = hashlib.sha256()
     for r in rows:
         values = [_trigger(r.get(k)) if k == "trigger" else r.get(k) for k in ROW_KEYS]

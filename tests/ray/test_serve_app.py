@@ -272,6 +272,28 @@ def _check_engine_rows() -> None:
         cut = eng.generate_rows([GenRow(rows[3].messages, rows[3].max_new_tokens, 1.0, 0.9, seed=103,
                                         stop=[text[2:4]])])[0]
         assert cut.text == text[:2].strip() and cut.finish_reason == "stop"
+    # Generation cut into slices (what the app does when other work waits) gives the same rows: each keeps
+    # its tokens and its random generator, and continues from prompt plus text so far.
+    long = [GenRow([{"role": "user", "content": f"Tell story {i}"}], max_new_tokens=40 + 7 * i,
+                   temperature=1.0 if i % 2 else 0.0, top_p=0.9, seed=200 + i) for i in range(4)]
+    whole = eng.generate_rows(long)
+    states = eng.start(long)
+    calls = 0
+    while any(st.out is None for st in states):
+        eng.advance(states, lambda seconds, tokens, some_done: tokens >= 5)
+        calls += 1
+    assert calls > 2
+    assert [st.out.text for st in states] == [o.text for o in whole]
+    assert [st.out.completion_tokens for st in states] == [o.completion_tokens for o in whole]
+    # A row whose caller went away, or whose deadline passed, ends at its next token.
+    import threading
+    import time as _time
+
+    gone = threading.Event()
+    gone.set()
+    ended = eng.generate_rows([GenRow(long[0].messages, 40, seed=1, cancelled=gone),
+                               GenRow(long[0].messages, 40, seed=1, deadline=_time.monotonic() - 1)])
+    assert [o.finish_reason for o in ended] == ["cancelled", "timeout"] and all(o.completion_tokens == 0 for o in ended)
 
 
 @pytest.mark.unit

@@ -273,3 +273,48 @@ def test_no_docs_page_that_needs_a_cdn(hard):
     assert httpx.get(f"{hard['h']}/redoc", timeout=30).status_code == 404
     text = httpx.get(f"{hard['h']}/openapi.json", timeout=30).text
     assert "cdn." not in text and "unpkg" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# A model replica that dies.
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_a_dead_model_replica_gives_json_503_and_the_app_recovers(hard):
+    """The model replica is killed under a long request: that request gets a JSON 503 with Retry-After (not a
+    plain-text 500), /healthz says unhealthy while no replica answers, and both recover once Serve restarted it."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"model": "tiny", "num_cpus": 0.5, **LIMITS}), name="hard-k", route_prefix="/k")
+    url = hard["h"].rsplit("/", 1)[0] + "/k"
+    try:
+        assert httpx.post(f"{url}/v1/chat/completions", json=_chat(), timeout=60).status_code == 200
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=120) as client:
+                long = asyncio.create_task(client.post(f"{url}/v1/chat/completions",
+                                                       json=_chat(n=8, max_tokens=1984, content="On and on.")))
+                await asyncio.sleep(1.0)
+                name = next(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                            if n["name"].startswith("SERVE_REPLICA::hard-k#Refiner#"))
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                answer = await long
+                health = await client.get(f"{url}/healthz")
+                return answer, health
+
+        answer, health = asyncio.run(scenario())
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1" and "restart" in answer.json()["error"]["message"]
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+                break
+            time.sleep(1)
+        assert httpx.post(f"{url}/v1/chat/completions", json=_chat(), timeout=60).status_code == 200
+    finally:
+        serve.delete("hard-k")

@@ -157,6 +157,8 @@ def test_backpressure_answers_503_with_retry_after(apps):
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
     refused = next(r for r in responses if r.status_code == 503)
     assert refused.headers["retry-after"] == "1"
+    # The documented JSON error, from the gateway (not Serve's plain-text answer).
+    assert refused.json()["error"]["type"] == "overloaded_error" and "max_queued_requests" in refused.text
 
 
 # ---------------------------------------------------------------------------------------------
