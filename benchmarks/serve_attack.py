@@ -821,10 +821,9 @@ def main() -> int:
         key = os.environ.get(KEY_ENV) or "attack-bench-key"
         os.environ[KEY_ENV] = key
         os.environ["MIDDO_TORCH_THREADS"] = str(args.threads)
-        from middo_ray.serve_apps import PROXY_ENV
+        from middo_ray.serve_apps import use_proxy_middleware
 
-        for k, v in PROXY_ENV.items():   # Serve's proxies bound client request ids, as in a run's own Ray
-            os.environ.setdefault(k, v)
+        use_proxy_middleware()   # Serve's proxies bound client request ids (serve/proxy.py)
         ray.init(address="local", num_cpus=4, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("MIDDO_CACHE", "MIDDO_TORCH_THREADS")
                                            if k in os.environ}})

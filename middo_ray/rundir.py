@@ -336,10 +336,9 @@ def init_ray(cfg: MiddoConfig) -> None:
     # the run's own the workers do all of the run's work and the daemons idle, and at nice 15 the workers
     # lose about 10% to them on a small machine (benchmarks/diagnose.py): they run at normal priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    from middo_ray.serve_apps import PROXY_ENV
+    from middo_ray.serve_apps import use_proxy_middleware
 
-    for key, value in PROXY_ENV.items():
-        os.environ.setdefault(key, value)
+    use_proxy_middleware()   # Serve's proxies bound client request ids (serve/proxy.py)
     # address="local": a Ray of the run's own. Without it ray.init joins whatever cluster the machine's last
     # `ray start` recorded in /tmp/ray (someone else's, or a dead one whose file a crash left behind).
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env={"env_vars": env} if env else None,

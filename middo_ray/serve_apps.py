@@ -29,6 +29,14 @@ APP_IMPORT_PATH = "serve.app:build_app"
 # x-request-id is bounded before the proxy echoes and logs it). Read when a proxy starts, from the Ray
 # node's environment: a Ray that a run starts for itself gets it from init_ray; a cluster sets it on its nodes.
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.proxy:middlewares"}
+
+
+def use_proxy_middleware() -> None:
+    """Puts :data:`PROXY_ENV` into this process's environment (unless set), for a Ray it is about to start."""
+    import os
+
+    for key, value in PROXY_ENV.items():
+        os.environ.setdefault(key, value)
 HEALTH_TIMEOUT_S = 600.0
 
 

@@ -230,7 +230,7 @@ class Refiner:
             async with self._compute:
                 await asyncio.to_thread(self._engine.advance, flat, self._yield_now)
             for state in flat:
-                if state.out is not None and not getattr(state, "counted", False):
+                if state.out is not None and not state.counted:
                     state.counted = True
                     self._finished[state.out.finish_reason] = self._finished.get(state.out.finish_reason, 0) + 1
             return chunks
@@ -507,8 +507,7 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
 @api.exception_handler(ClientError)
 async def _client_error(request, exc: ClientError) -> JSONResponse:
     """A refused request (limits, unsupported mode, unknown model): its status and message."""
-    headers = {"Retry-After": f"{exc.retry_after:g}"} if exc.retry_after else None
-    return JSONResponse(status_code=exc.status, content=error_body(exc.status, exc.message), headers=headers)
+    return JSONResponse(status_code=exc.status, content=error_body(exc.status, exc.message))
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -531,7 +530,7 @@ def _set_max(schema: dict, name: str, field: str, key: str, value: Any) -> None:
                 branch[key] = value
 
 
-def _schema_for(info: dict, args: RefinerArgs) -> dict:
+def _schema_for(info: dict) -> dict:
     """The OpenAPI document of this server: the wire schema narrowed to its limits and engine, so that
     what the schema allows is what the server accepts (except the per-request totals: body bytes and
     max_request_tokens, which JSON Schema cannot express; those answer 413 as documented)."""
@@ -700,7 +699,7 @@ class Gateway:
     async def openapi(self, request: Request):
         """The OpenAPI schema, narrowed to this server's limits and engine."""
         if self._schema is None:
-            self._schema = _schema_for(await self._model_info(), self._args)
+            self._schema = _schema_for(await self._model_info())
         root = request.scope.get("root_path", "")
         return JSONResponse({**self._schema, "servers": [{"url": root}]} if root else self._schema)
 

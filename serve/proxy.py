@@ -14,9 +14,7 @@ A Ray that middo starts for a run (``middo run`` without ``ray.address``) sets i
 
 from __future__ import annotations
 
-import uuid
-
-from serve.security import clean_request_id
+from serve.security import with_clean_request_id
 
 
 class RequestIdGuard:
@@ -28,12 +26,7 @@ class RequestIdGuard:
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") in ("http", "websocket"):
-            headers = scope.get("headers", [])
-            raw = next((v for k, v in headers if k == b"x-request-id"), None)
-            if raw is not None and clean_request_id(raw.decode("latin-1")) is None:
-                scope = dict(scope)
-                scope["headers"] = ([(k, v) for k, v in headers if k != b"x-request-id"]
-                                    + [(b"x-request-id", str(uuid.uuid4()).encode())])
+            scope = with_clean_request_id(scope)
         await self.app(scope, receive, send)
 
 

@@ -51,11 +51,10 @@ class ClientError(ValueError):
     A ValueError, so handle callers (the loop) see what they always saw; the gateway answers ``status``.
     """
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
-        super().__init__(status, message, retry_after)
+    def __init__(self, status: int, message: str):
+        super().__init__(status, message)
         self.status = int(status)
         self.message = message
-        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return self.message
@@ -66,6 +65,16 @@ def clean_request_id(value: str | None) -> str | None:
     if value and _REQUEST_ID.fullmatch(value):
         return value
     return None
+
+
+def with_clean_request_id(scope: dict) -> dict:
+    """The ASGI scope, with an ``x-request-id`` that :func:`clean_request_id` refuses replaced by a fresh one."""
+    headers = scope.get("headers", [])
+    raw = next((v for k, v in headers if k == b"x-request-id"), None)
+    if raw is None or clean_request_id(raw.decode("latin-1")) is not None:
+        return scope
+    fresh = str(uuid.uuid4()).encode()
+    return {**scope, "headers": [(k, v) for k, v in headers if k != b"x-request-id"] + [(b"x-request-id", fresh)]}
 
 
 def set_body_timeout(seconds: float) -> None:
@@ -178,12 +187,7 @@ class GuardMiddleware:
                            f"addressed to a loopback name (localhost, 127.0.0.1, [::1]); set {_RUNTIME['key_env']} "
                            f"to serve other hosts")
                 return await _send_json(send, 403, error_body(403, message))
-        raw = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
-        if raw is not None and clean_request_id(raw) is None:
-            fresh = uuid.uuid4().hex
-            scope = dict(scope)
-            scope["headers"] = [(k, v) for k, v in headers if k != b"x-request-id"] + [(b"x-request-id", fresh.encode())]
-        return await self.app(scope, receive, send)
+        return await self.app(with_clean_request_id(scope), receive, send)
 
 
 class AuthMiddleware:

@@ -43,10 +43,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from middo_ray.serve_apps import PROXY_ENV
+        from middo_ray.serve_apps import use_proxy_middleware
 
-        for key, value in PROXY_ENV.items():   # Serve's proxies bound client request ids (serve/proxy.py)
-            os.environ.setdefault(key, value)
+        use_proxy_middleware()   # Serve's proxies bound client request ids (serve/proxy.py)
         ray.init(address="local", num_cpus=4, log_to_driver=False,
                  runtime_env={"env_vars": {"MIDDO_CACHE": os.environ.get("MIDDO_CACHE", "")}}
                  if os.environ.get("MIDDO_CACHE") else None)

@@ -85,6 +85,7 @@ class GenState:
     tokens: list[int] = field(default_factory=list)
     text_len: int = 0
     out: GenOut | None = None
+    counted: bool = False     # the app has counted its finish reason (Refiner.stats)
 
 
 class _Stopper:
@@ -101,6 +102,7 @@ class _Stopper:
         self.t0 = time.monotonic()
         self.stopped_at: list[int | None] = [None] * len(rows)
         self.yielded = False
+        self.some_done = False
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -108,8 +110,9 @@ class _Stopper:
         step = input_ids.shape[1] - self.width
         now = time.monotonic()
         if not self.yielded and self.yield_now is not None:
-            some_done = bool(torch.isin(input_ids[:, -1].cpu(), self.eos).any())
-            self.yielded = bool(self.yield_now(now - self.t0, step, some_done))
+            # Sticky: a row that ended stays done even when the padding after its EOS is another token.
+            self.some_done = self.some_done or bool(torch.isin(input_ids[:, -1].cpu(), self.eos).any())
+            self.yielded = bool(self.yield_now(now - self.t0, step, self.some_done))
         for j, r in enumerate(self.rows):
             if self.stopped_at[j] is None and (self.yielded or r.ended(now)):
                 self.stopped_at[j] = step
