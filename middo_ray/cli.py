@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "audit":
         return _audit(args)
     try:
-        cfg = load_config(args.config, args.set)
+        # `middo run` also checks the files and folders the config names, all before Ray starts.
+        cfg = load_config(args.config, args.set, check_files=args.command == "run")
     except ConfigError as exc:
         print(f"middo: {exc}", file=sys.stderr)
         return 2
@@ -130,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _setup_logging(args.verbose)
     from middo_ray.loop import run_loop
+    from middo_ray.rundir import RunLocked
 
-    summary = run_loop(cfg)
+    try:
+        summary = run_loop(cfg)
+    except RunLocked as exc:
+        print(f"middo: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "stop_reason", "sizes", "optimized_dataset",
                                               "lineage", "report", "history")}, indent=2, default=str))
     return 0

@@ -453,22 +453,9 @@ class MiddoConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "MiddoConfig":
-        if "diversity" in self.select.axes and self.diagnose.knn_k != 2:
-            # The synthesis prompt shows exactly two hint prompts, as the reference does.
-            raise ValueError("diagnose.knn_k must be 2 while 'diversity' is in select.axes "
-                             "(the synthesis prompt uses two neighbours as hints); set diagnose.knn_k=2")
-        if "quality" in self.select.axes and not self.diagnose.judge:
-            raise ValueError("select.axes contains 'quality' but diagnose.judge is false; "
-                             "set diagnose.judge=true or remove 'quality' from select.axes")
-        if (self.refine.judge == "current" and self.refine.judge_engine == "vllm" and self.train.method == "lora"
-                and self.train.lora_save == "adapter"):
-            raise ValueError("refine.judge_engine='vllm' serves each round's checkpoint, but train.lora_save=adapter "
-                             "saves adapters vLLM cannot load as a model; set train.lora_save=merged or "
-                             "refine.judge_engine=transformers")
-        if self.refine.gpu_handoff == "sleep" and self.refine.gpus_per_replica <= 0:
-            raise ValueError("refine.gpu_handoff=sleep hands the teacher's GPU to training, but "
-                             "refine.gpus_per_replica is 0 (the teacher holds no GPU); set gpus_per_replica=1 "
-                             "or gpu_handoff=keep")
+        problems = cross_field_problems({name: getattr(self, name) for name in type(self).model_fields})
+        if problems:
+            raise ValueError("\n  - ".join(problems))
         return self
 
     @property
@@ -476,6 +463,51 @@ class MiddoConfig(_Section):
         """The GPU share each GPU worker of the loop asks for (diagnosis and evaluation actors, training workers):
         a whole GPU, or with ``refine.gpu_handoff='sleep'`` the rest of the one a sleeping teacher holds a share of."""
         return 1.0 - self.refine.sleep_gpu_share if self.refine.gpu_handoff == "sleep" else 1.0
+
+
+def cross_field_problems(sections: dict[str, Any]) -> list[str]:
+    """The rules that tie fields of several sections together, every one that fails.
+
+    ``sections`` maps a section name to its validated model, or to None where that section is invalid: a rule
+    that needs an invalid section is skipped, so :func:`build_config` reports these rules beside the field
+    errors of other sections (pydantic would run none of them while any field is wrong).
+    """
+    problems: list[str] = []
+
+    def have(*names: str) -> bool:
+        return all(sections.get(n) is not None for n in names)
+
+    if have("select", "diagnose"):
+        sel, diag = sections["select"], sections["diagnose"]
+        if "diversity" in sel.axes and diag.knn_k != 2:
+            # The synthesis prompt shows exactly two hint prompts, as the reference does.
+            problems.append("diagnose.knn_k must be 2 while 'diversity' is in select.axes (the synthesis prompt "
+                            "uses two neighbours as hints); set diagnose.knn_k=2")
+        if "quality" in sel.axes and not diag.judge:
+            problems.append("select.axes contains 'quality' but diagnose.judge is false; set diagnose.judge=true or "
+                            "remove 'quality' from select.axes")
+    if have("refine", "train"):
+        ref, train = sections["refine"], sections["train"]
+        if (ref.judge == "current" and ref.judge_engine == "vllm" and train.method == "lora"
+                and train.lora_save == "adapter"):
+            problems.append("refine.judge_engine='vllm' serves each round's checkpoint, but train.lora_save=adapter "
+                            "saves adapters vLLM cannot load as a model; set train.lora_save=merged or "
+                            "refine.judge_engine=transformers")
+    if have("refine") and sections["refine"].gpu_handoff == "sleep" and sections["refine"].gpus_per_replica <= 0:
+        problems.append("refine.gpu_handoff=sleep hands the teacher's GPU to training, but refine.gpus_per_replica "
+                        "is 0 (the teacher holds no GPU); set gpus_per_replica=1 or gpu_handoff=keep")
+    return problems
+
+
+def _valid_sections(tree: dict) -> dict[str, Any]:
+    """Each section of ``tree`` validated on its own: its model, or None where it has an error."""
+    out: dict[str, Any] = {}
+    for name, info in MiddoConfig.model_fields.items():
+        try:
+            out[name] = info.annotation.model_validate(tree.get(name) or {})
+        except (ValidationError, TypeError, ValueError):
+            out[name] = None
+    return out
 
 
 class ConfigError(ValueError):
@@ -541,28 +573,50 @@ def _describe(err: dict) -> str:
         fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(_known_keys(parent))}"
         return f"{loc}: unknown key; {fix}"
     msg = err["msg"]
-    return f"{loc}: {msg} (got {err.get('input')!r})" if kind != "value_error" else f"{loc}: {msg}"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return msg if not err["loc"] else f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {err.get('input')!r})"
 
 
-def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> MiddoConfig:
-    """Validates a config tree plus dotted overrides, raising ConfigError with every problem."""
+def build_config(tree: dict | None = None, overrides: list[str] | None = None,
+                 check_files: bool = False) -> MiddoConfig:
+    """Validates a config tree plus dotted overrides, raising ConfigError with every problem.
+
+    ``check_files`` also checks the files and folders the config names (:mod:`middo_ray.preflight`: the data
+    file, the held-out and multiple-choice files, a writable run folder), for every section that is valid, so
+    one error lists the config's mistakes and the missing files together.
+    """
+    from types import SimpleNamespace
+
+    from middo_ray.preflight import check_inputs
+
     tree = dict(tree or {})
     problems: list[str] = []
     for item in overrides or []:
         _apply_override(tree, item, problems)
     try:
         cfg = MiddoConfig.model_validate(tree)
+        sections: Any = cfg
     except ValidationError as exc:
-        problems.extend(_describe(e) for e in exc.errors())
-        cfg = None
+        # Top-level errors are the rules across sections: asked again below, one problem each, on the sections
+        # that are valid (pydantic runs none of them while a section has an error).
+        problems.extend(_describe(e) for e in exc.errors() if e["loc"])
+        valid = _valid_sections(tree)
+        problems.extend(p for p in cross_field_problems(valid) if p not in problems)
+        cfg, sections = None, SimpleNamespace(**valid)
+    if check_files:
+        problems.extend(check_inputs(sections))
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MiddoConfig:
-    """Loads a YAML file (or the defaults when path is None) and applies dotted overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = False) -> MiddoConfig:
+    """Loads a YAML file (or the defaults when path is None) and applies dotted overrides (``check_files``: see
+    :func:`build_config`)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -574,7 +628,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"config file '{p}' is not valid YAML: {exc}"]) from exc
         if not isinstance(tree, dict):
             raise ConfigError([f"config file '{p}' must hold a mapping of sections (run:, data:, ...)"])
-    return build_config(tree, overrides)
+    return build_config(tree, overrides, check_files)
 
 
 def config_hash(cfg: MiddoConfig) -> str:

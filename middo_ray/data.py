@@ -5,7 +5,7 @@ What ``round_0/data/`` holds afterwards::
     train/part-*.parquet      D_0: canonical rows with their lineage columns, in input order
     heldout/part-*.parquet    the held-out rows (data.heldout_fraction, or the file data.heldout_path)
     unused/part-*.parquet     rows beyond data.max_samples
-    rejects.jsonl             every refused input row: its line, the reason, its raw text
+    rejects.jsonl             every refused input row: its file, line, the reason, its raw text
     stage.json                source, format, style, counts and the shard sets
 
 Steps, all on Ray workers (the driver sees chunk descriptions and counts, never a row):
@@ -139,7 +139,7 @@ class WriteChunk:
         found = [json.loads(line) for line in text.splitlines() if line.strip()]
         if dups:
             raw = {line: r for line, _, r in read_chunk(self.plan, unit["chunk"])[0]}
-            found += [reject(line, duplicate_reason(d["first_line"], d["sample_id"]), raw.get(line, ""))
+            found += [reject(line, duplicate_reason(d["first_line"], d["sample_id"]), raw.get(line, ""), self.plan.path)
                       for line, d in dups.items()]
         found.sort(key=lambda r: r["line"])
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)

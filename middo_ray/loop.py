@@ -26,6 +26,7 @@ from middo_ray import console, data, diagnose, evaluate, merge, metrics, refine,
 from middo_ray.config import MiddoConfig
 from middo_ray.converge import best_round, should_stop
 from middo_ray.final import write_final
+from middo_ray.preflight import require_inputs
 from middo_ray.rundir import Run, init_ray
 from middo_ray.schema import AXES
 from middo_ray.serve_apps import ServeApps, check_gpu_fit
@@ -126,7 +127,13 @@ def _rebuild_report(run: Run) -> None:
 
 
 def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], Any] | None = None) -> dict:
-    """Runs the loop to a stop rule and writes the final dataset; returns the summary."""
+    """Runs the loop to a stop rule and writes the final dataset; returns the summary.
+
+    Raises:
+        InputError: A file or folder the run needs is missing or unusable (before anything starts).
+        RunLocked: Another live process runs in this run directory.
+    """
+    require_inputs(cfg)
     run = Run(cfg).open()
     try:
         console.set_run_dir(run.root)

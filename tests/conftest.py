@@ -59,8 +59,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def loop_run(ray_local, tiny_model, tmp_path_factory):
     """One finished 2-round run of the loop, shared by the tests that read a run directory (the loop's own
-    contract, the report, `middo status/show/diff`): the tiny model on 68 demo rows, 3 of them
-    invalid. Read it, never change it: a test that needs a changed or unfinished run copies it first.
+    contract, the report, `middo status/show/diff`): the tiny model on 69 rows, 3 invalid demo rows and
+    the corpus of bad rows (tests/corpus) among them. Read it, never change it: a test that needs a changed or unfinished run copies it first.
 
     Returns ``(run_dir, summary, port)``; ``port`` is the Serve HTTP port the run used (a rerun of the same
     config resumes it).
@@ -79,13 +79,21 @@ def loop_run(ray_local, tiny_model, tmp_path_factory):
 
 def loop_run_data(out_dir) -> Path:
     """The data of :func:`loop_run`: the demo's 8 rows with 3 invalid ones, then 60 rows of the demo seed
-    (enough for the rounds' training to move the tiny model and the signals to spread)."""
+    (enough for the rounds' training to move the tiny model and the signals to spread), then the corpus of
+    bad rows (tests/corpus: one valid row and 19 that must be rejected); ``bad_rows.json`` beside it maps each
+    corpus line that must be rejected to its reason."""
+    import json
+
     from middo_ray.demo import demo_path
+    from tests.corpus import write_bad_alpaca
 
     path = Path(out_dir) / "seed.jsonl"
     if not path.is_file():
         seed = demo_path("seed").read_text().splitlines()[5:65]      # rows 1-5 are the valid ones above
         path.write_text(demo_path("seed_with_invalid").read_text().rstrip("\n") + "\n" + "\n".join(seed) + "\n")
+        lines = len(path.read_text().splitlines())
+        expected = write_bad_alpaca(path, json.loads(seed[0]), first_line=lines + 1, append=True)
+        (Path(out_dir) / "bad_rows.json").write_text(json.dumps(expected))
     return path
 
 

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 import pyarrow.parquet as pq
 
-from middo_ray.schema import make_row
+from middo_ray.schema import make_row, prompt_text
+from middo_ray.wire import MAX_TEXT_CHARS
 
 FORMATS = ("alpaca", "messages", "parquet")
 STYLES = ("alpaca", "openai", "sharegpt")
@@ -44,7 +45,7 @@ class ReadResult:
 
     Attributes:
         rows: Canonical rows (``schema.make_row``, origin "seed", round 0), in file order.
-        rejects: ``{"line", "reason", "raw"}`` for every input row that was refused.
+        rejects: ``{"file", "line", "reason", "raw"}`` for every input row that was refused.
         format: "alpaca" | "messages" | "parquet" (the container/layout that was read).
         style: "alpaca" | "openai" | "sharegpt" (how the rows were laid out).
         n_input: Number of input rows seen; always ``len(rows) + len(rejects)``.
@@ -379,6 +380,20 @@ def _parse_messages(obj: dict) -> tuple[dict, str]:
     return row, style
 
 
+def _check_sizes(row: dict) -> None:
+    """Refuses a row that some later step could not carry: the refine and judge requests take at most
+    :data:`~middo_ray.wire.MAX_TEXT_CHARS` characters per text field, and a rewrite's prompt (a synthesis hint
+    is another row's prompt) is the instruction and the input together."""
+    prompt = len(prompt_text(row))
+    if prompt > MAX_TEXT_CHARS:
+        raise RowError(f"prompt (instruction and input) is {prompt:,} characters, over the {MAX_TEXT_CHARS:,} "
+                       "that a refine request carries per text; shorten or split the row")
+    for key in ("output", "system"):
+        if len(row[key]) > MAX_TEXT_CHARS:
+            raise RowError(f"{key} is {len(row[key]):,} characters, over the {MAX_TEXT_CHARS:,} that a refine "
+                           "request carries per text; shorten or split the row")
+
+
 def _parse_record(rec: _Record, layout: str) -> tuple[dict, str]:
     """Canonical row and style of one record, or RowError with the reject reason."""
     if rec.error is not None:
@@ -387,16 +402,25 @@ def _parse_record(rec: _Record, layout: str) -> tuple[dict, str]:
         raise RowError(f"not an object (a JSON {type(rec.value).__name__})")
     if layout == "messages":
         if "messages" not in rec.value and "conversations" not in rec.value:
-            raise RowError(f"no 'messages' or 'conversations' key (keys: {sorted(rec.value)})")
-        return _parse_messages(rec.value)
-    return _parse_alpaca(rec.value), "alpaca"
+            other = " (an alpaca row: this file was read as messages, from its first row or data.format; keep " \
+                    "one format per file)" if _layout_of_keys(rec.value) == "alpaca" else ""
+            raise RowError(f"no 'messages' or 'conversations' key (keys: {sorted(rec.value)}){other}")
+        row, style = _parse_messages(rec.value)
+    else:
+        if _layout_of_keys(rec.value) == "messages" and "instruction" not in rec.value:
+            key = "messages" if "messages" in rec.value else "conversations"
+            raise RowError(f"a chat row ('{key}') in a file read as alpaca (from its first row or data.format); "
+                           "keep one format per file, or convert the row to instruction/input/output")
+        row, style = _parse_alpaca(rec.value), "alpaca"
+    _check_sizes(row)
+    return row, style
 
 
 # ---------------------------------------------------------------------------------------------
 # Planning and reading chunks
 
 
-def _resolve_layout(path: Path, fmt: str, first: dict | None) -> tuple[str, str]:
+def resolve_layout(path: Path, fmt: str, first: dict | None) -> tuple[str, str]:
     """(format to report, row layout to parse with) for a requested format and the file's first object."""
     if fmt not in ("auto",) + FORMATS:
         raise ValueError(f"unknown data format '{fmt}'; use auto, {', '.join(FORMATS)}")
@@ -459,7 +483,7 @@ def plan_reading(path: str | Path, format: str = "auto", rows_per_chunk: int = 2
     src = check_data_file(path)
     ext = _extension(src)
     is_json_list = ext == ".json" and _json_list_records(src) is not None
-    fmt, layout = _resolve_layout(src, format, _first_object(_iter_records(src)))
+    fmt, layout = resolve_layout(src, format, _first_object(_iter_records(src)))
     if ext == ".parquet":
         chunks = _parquet_chunks(src, rows_per_chunk)
     elif is_json_list:
@@ -480,8 +504,9 @@ def _chunk_records(path: Path, chunk: dict) -> list[_Record]:
     return _jsonl_records(data, chunk["first_line"], chunk["start"] == 0)
 
 
-def reject(line: int, reason: str, raw: str) -> dict:
-    return {"line": line, "reason": reason, "raw": raw}
+def reject(line: int, reason: str, raw: str, file: str | Path | None = None) -> dict:
+    """A reject record: the input file, the row's line (1-based), why it was refused, its raw text."""
+    return {"file": str(file) if file is not None else None, "line": line, "reason": reason, "raw": raw}
 
 
 def read_chunk(plan: ReadPlan, chunk: dict) -> tuple[list[tuple[int, dict, str]], list[dict], str, int]:
@@ -500,7 +525,7 @@ def read_chunk(plan: ReadPlan, chunk: dict) -> tuple[list[tuple[int, dict, str]]
         try:
             row, row_style = _parse_record(rec, plan.layout)
         except RowError as err:
-            rejects.append(reject(rec.line, str(err), rec.raw))
+            rejects.append(reject(rec.line, str(err), rec.raw, plan.path))
             continue
         style = style or row_style
         rows.append((rec.line, row, rec.raw))
@@ -553,7 +578,8 @@ def read_dataset(path: str | Path, format: str = "auto", rejects_path: str | Pat
         if row is None:
             result.rejects.append(raw)
         elif row["sample_id"] in first_seen:
-            result.rejects.append(reject(line, duplicate_reason(first_seen[row["sample_id"]], row["sample_id"]), raw))
+            result.rejects.append(reject(line, duplicate_reason(first_seen[row["sample_id"]], row["sample_id"]), raw,
+                                         plan.path))
         else:
             first_seen[row["sample_id"]] = line
             result.rows.append(row)

@@ -24,10 +24,14 @@ def test_loop_writes_the_run_directory_and_resumes(loop_run):
     markers = sorted(run.glob("round_*/*/_SUCCESS"))
     assert {m.parent.name for m in markers} == {"data", "train", "eval", "diagnose", "select", "refine", "merge"}
     assert {m.parent.parent.name for m in markers} == {"round_0", "round_1", "round_2"}
-    rejects = [json.loads(line) for line in (run / "round_0" / "data" / "rejects.jsonl").open()]
-    assert len(rejects) == 3 and all(r["reason"] and r["line"] for r in rejects)
+    # Every bad row (the demo's 3 and the corpus of tests/corpus) is a reject with its file, line and reason.
+    rejects = {r["line"]: r for r in map(json.loads, (run / "round_0" / "data" / "rejects.jsonl").open())}
+    corpus = {int(k): v for k, v in json.loads((run.parent / "bad_rows.json").read_text()).items()}
+    assert set(rejects) == {3, 5, 7} | set(corpus)
+    assert all(fragment in rejects[line]["reason"] for line, fragment in corpus.items())
+    assert {r["file"] for r in rejects.values()} == {str(run.parent / "seed.jsonl")}
     info = json.loads((run / "round_0" / "data" / "stage.json").read_text())
-    assert info["rows_in"] == info["train"] + info["heldout"] + info["rejected"]
+    assert info["rows_in"] == info["train"] + info["heldout"] + info["rejected"] == 68 + len(corpus) + 1
     assert not json.loads((run / "round_1" / "manifest.json").read_text())["converge"]["stop"]
     manifest = json.loads((run / "round_2" / "manifest.json").read_text())
     assert manifest["converge"]["stop"] and "max_rounds" in manifest["converge"]["reason"]

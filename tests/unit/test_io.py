@@ -178,7 +178,8 @@ def test_rejects_of_seed_with_invalid(tmp_path):
     assert reasons[7].startswith("invalid JSON line")
     written = [json.loads(line) for line in rejects_file.read_text(encoding="utf-8").splitlines()]
     assert written == res.rejects
-    assert all(set(r) == {"line", "reason", "raw"} for r in written)
+    assert all(set(r) == {"file", "line", "reason", "raw"} for r in written)
+    assert {r["file"] for r in written} == {str(demo_path("seed_with_invalid"))}
 
 
 def test_every_input_row_is_accounted_for(tmp_path):
@@ -401,3 +402,24 @@ def test_read_shared_alpaca_en_demo(shared_data, tmp_path):
         assert (row["instruction"], row["input"], row["output"]) == (src["instruction"], src["input"], src["output"])
     # This file repeats 14 samples verbatim (999 rows, 985 distinct); those are the only rejects.
     assert res.rejects and all(r["reason"].startswith("exact duplicate of row") for r in res.rejects)
+
+
+def test_bad_row_corpus_every_row_is_a_row_or_a_reject_with_file_line_and_reason(tmp_path):
+    """Guards the corpus of bad rows (tests/corpus): each kind is refused at read time with its file, its line
+    and a reason naming the problem; the good rows stay; rows in = rows kept + rows rejected."""
+    from tests.corpus import write_bad_alpaca
+
+    path = tmp_path / "mixed.jsonl"
+    good = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good))
+    expected = write_bad_alpaca(path, good[1], first_line=len(good) + 1, append=True)
+    res = read_dataset(path, rejects_path=tmp_path / "rejects.jsonl")
+    assert res.n_input == len(res.rows) + len(res.rejects) == len(good) + len(expected) + 1
+    assert [r["instruction"] for r in res.rows] == [r["instruction"] for r in good] + ["Name a prime number."]
+    got = {r["line"]: r for r in res.rejects}
+    assert set(got) == set(expected)
+    for line, fragment in expected.items():
+        assert fragment in got[line]["reason"], (line, got[line]["reason"])
+        assert got[line]["file"] == str(path)
+    written = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in written] == sorted(expected)
