@@ -93,6 +93,25 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_message(exc: BaseException) -> str | None:
+    """The message of a stage that stopped on purpose (:class:`~middo_ray.llmcalls.TeacherStopped`) wherever it
+    sits in the chain of errors that Ray Data and Ray wrap around it; None for any other failure."""
+    from middo_ray.llmcalls import TeacherStopped
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)              # Ray's task error: the exception the worker raised
+        if type(e) is TeacherStopped:
+            return str(e)
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -138,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunLocked as exc:
         print(f"middo: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        stopped = stop_message(exc)
+        if stopped is None:
+            raise
+        print(f"middo: {stopped}", file=sys.stderr)
+        return 1
     print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "stop_reason", "sizes", "optimized_dataset",
                                               "lineage", "report", "history")}, indent=2, default=str))
     return 0

@@ -138,6 +138,12 @@ class RefineConfig(ServeSettings, _Section):
                                                               "it was sent fails its items (originals kept, reason recorded).")
     client_workers: int = Field(1, ge=1, description="Ray Data workers that send the refine stage's requests, a "
                                                      "shard at a time each; refine.max_concurrency is shared by them.")
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="Requests in a row that the teacher (or judge) could not answer at all (its endpoint "
+                             "down or refusing, after the engine's own retries: refine.openai_retries) before the "
+                             "stage stops with the endpoint's error. Until then such a request's items keep their "
+                             "originals with the reason; answers already received are cached, so the rerun "
+                             "continues from them.")
     cache: bool = Field(True, description="Cache LLM calls by content (request, model, revision, sampling) in the run "
                                           "directory, so a rerun or resumed run repeats none.")
     # GPUs between phases.

@@ -4,8 +4,11 @@
   sampling and seed, the app's engine, model id and revision, and its prompt fingerprint), written
   atomically. A rerun or a resumed run asks the service nothing it asked before.
 - :func:`run_calls`: answers a list of calls from the cache or the handle with a bounded number in flight;
-  a call that does not answer in time is a row failure (its items keep their originals), a call that
-  raises is fatal (a dead replica or a broken contract stops the stage).
+  a call that does not answer in time is a row failure (its items keep their originals), and so is a call
+  whose teacher could not answer (:class:`~middo_ray.wire.TeacherUnavailable`: its endpoint down or refusing,
+  after the engine's own retries), until ``refine.max_consecutive_failures`` of those in a row stop the stage
+  (:class:`Breaker`); a call that raises anything else is fatal (a dead replica or a broken contract).
+  Nothing that failed is cached, so a rerun asks again exactly what was not answered.
 """
 
 from __future__ import annotations
@@ -63,6 +66,41 @@ def call_key(method: str, request: dict, ident: dict) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+class TeacherStopped(RuntimeError):
+    """Too many requests in a row found the teacher unavailable: the stage stops (a rerun continues)."""
+
+
+@dataclass
+class Breaker:
+    """Counts the requests in a row that the teacher could not answer; at ``limit`` the stage stops.
+
+    One per client worker, kept across the shards it works on. While the teacher is failing, only one
+    request is in flight (:func:`run_calls`), so an endpoint that is down is asked about ``limit`` times.
+    """
+
+    limit: int
+    consecutive: int = 0
+    failed: int = 0
+    stopped: str | None = None    # the stop's message, once the limit was reached
+
+    def failure(self, call: "Call", exc: Exception) -> None:
+        self.consecutive += 1
+        self.failed += 1
+        if self.consecutive >= self.limit:
+            self.stopped = (
+                f"{exc} — {self.consecutive} requests in a row failed so (refine.max_consecutive_failures="
+                f"{self.limit}), the last one {call.what}. The stage stopped; the answers received so far are "
+                "cached. Fix the teacher, then run the same command again: it continues from there.")
+            raise TeacherStopped(self.stopped) from None
+
+    def success(self) -> None:
+        self.consecutive = 0
+
+    @property
+    def failing(self) -> bool:
+        return self.consecutive > 0
+
+
 @dataclass
 class Call:
     """One request to the app and what became of it."""
@@ -76,15 +114,20 @@ class Call:
 
 
 def run_calls(handle, calls: list[Call], max_in_flight: int, timeout_s: float, cache: LLMCallCache | None,
-              ident: dict, stats: dict[str, int]) -> None:
+              ident: dict, stats: dict[str, int], breaker: Breaker | None = None) -> None:
     """Answers every call from the cache or the handle, with ``max_in_flight`` requests in flight.
 
     A sliding window: when full, wait for the oldest (one replica serves requests in arrival order,
-    so it is also the first to finish). Each call's timeout runs from the moment it was sent.
+    so it is also the first to finish). Each call's timeout runs from the moment it was sent; a call that
+    times out is cancelled, in the replica and at its engine's endpoint.
 
     Raises:
+        TeacherStopped: ``breaker.limit`` calls in a row found the teacher unavailable.
         RuntimeError: A call raised in the service (dead replica, lost connection): fatal.
     """
+    from middo_ray.wire import TeacherUnavailable
+
+    breaker = breaker if breaker is not None else Breaker(limit=3)
     window: deque = deque()
 
     def finish(call: Call, response, sent: float) -> None:
@@ -97,28 +140,45 @@ def run_calls(handle, calls: list[Call], max_in_flight: int, timeout_s: float, c
             call.error = f"the refiner did not answer within {timeout_s:g}s (refine.request_timeout_s)"
             log.warning("%s timed out after %.0fs; its items keep their originals", call.what, timeout_s)
             return
+        except TeacherUnavailable as raised:
+            # Ray re-raises the replica's exception as a subclass whose text is the whole remote traceback;
+            # its cause is the exception itself, whose text is the one line that says what failed.
+            cause = getattr(raised, "cause", None)
+            exc = cause if isinstance(cause, TeacherUnavailable) else raised
+            stats["teacher_errors"] = stats.get("teacher_errors", 0) + 1
+            call.error = f"the teacher could not answer: {exc}"
+            log.warning("%s: %s; its items keep their originals", call.what, exc)
+            breaker.failure(call, exc)
+            return
         except Exception as exc:
             raise RuntimeError(f"{call.what} failed in the refiner service: {type(exc).__name__}: {exc}. "
                                f"The service is down or broken; the stage stops (no sample was changed).") from exc
+        breaker.success()
         call.answer = answer
         if cache is not None and call.key:
             cache.put(call.key, answer, {"method": call.method, "model": ident.get("model"),
                                          "revision": ident.get("revision")})
 
-    for call in calls:
-        if cache is not None:
-            call.key = call_key(call.method, call.request, ident)
-            hit = cache.get(call.key)
-            if hit is not None:
-                call.answer = hit
-                stats["cache_hits"] += 1
-                continue
-            stats["cache_misses"] += 1
-        if len(window) >= max_in_flight:
+    try:
+        for call in calls:
+            if cache is not None:
+                call.key = call_key(call.method, call.request, ident)
+                hit = cache.get(call.key)
+                if hit is not None:
+                    call.answer = hit
+                    stats["cache_hits"] += 1
+                    continue
+                stats["cache_misses"] += 1
+            # While the teacher is failing one request is in flight: it probes, the others wait.
+            while window and len(window) >= (1 if breaker.failing else max_in_flight):
+                finish(*window.popleft())
+            window.append((call, getattr(handle, call.method).remote(call.request), time.monotonic()))
+        while window:
             finish(*window.popleft())
-        window.append((call, getattr(handle, call.method).remote(call.request), time.monotonic()))
-    while window:
-        finish(*window.popleft())
+    except TeacherStopped:
+        for _, response, _ in window:
+            response.cancel()                         # the stage stops: so does the work it had asked for
+        raise
 
 
 def checked_results(call: Call, ids: list[str | None]) -> list[dict]:

@@ -31,6 +31,27 @@ MAX_SEED = 2**53 - 1
 REFINER_DEPLOYMENT = "Refiner"
 
 
+class TeacherUnavailable(RuntimeError):
+    """The engine behind the refiner app could not answer: an external endpoint that kept failing (5xx, 429,
+    refused or dropped connections, timeouts) after its retries, or refused the app's credentials or model.
+
+    Raised in the model replica and re-raised to the caller by Ray (it pickles: its args are its fields). The
+    refine stage counts it as a failed request (the request's items keep their originals, nothing is cached)
+    and stops after ``refine.max_consecutive_failures`` of them in a row. The HTTP gateway answers it with 502.
+
+    Attributes:
+        endpoint: The URL that failed.
+        status: Its last HTTP status, or None for a connection that failed.
+    """
+
+    def __init__(self, message: str, endpoint: str | None = None, status: int | None = None):
+        super().__init__(message, endpoint, status)
+        self.message, self.endpoint, self.status = message, endpoint, status
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def valid_text(value: str) -> str:
     """Refuses text that is not valid Unicode: a lone UTF-16 surrogate (JSON's ``"\\ud800"``) parses into a
     Python string, but no tokenizer, log or file can take it."""
@@ -192,6 +213,12 @@ class ServeSettings(BaseModel):
     openai_prefill: bool = Field(False, description="engine 'openai': the endpoint continues an assistant prefix "
                                                     "(continue_final_message; vLLM and this app do, the hosted OpenAI API does not).")
     openai_max_parallel: int = Field(8, ge=1, description="engine 'openai': requests in flight to the endpoint per replica.")
+    openai_retries: int = Field(
+        3, ge=0, le=20, description="engine 'openai': retries of a call that failed for a transient reason (HTTP 408, "
+                                    "409, 429, 5xx, a refused, dropped or timed-out connection), after waits of 0.5, "
+                                    "1, 2, ... s (at most 8 s, or the endpoint's Retry-After up to 30 s). While the "
+                                    "endpoint fails, one row probes it and the others wait. The only retries: the "
+                                    "HTTP client itself retries nothing.")
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="engine 'vllm': vLLM engine arguments (Ray Serve LLM's LLMConfig.engine_kwargs), "
                                           "e.g. {max_model_len: 4096, tensor_parallel_size: 2, gpu_memory_utilization: 0.9}.")

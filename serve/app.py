@@ -74,7 +74,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from middo_ray.wire import (REFINER_DEPLOYMENT, JudgeRequest, JudgeResponse, RefineRequest, RefineResponse,
-                            ServeSettings)
+                            ServeSettings, TeacherUnavailable)
 from serve import logic
 from serve.engines import GenOut, GenRow, describe, make_engine, row_seed
 from serve.logic import Limits, check_limits, run_refine, sample_prompt  # noqa: F401  (run_refine, sample_prompt: public helpers)
@@ -182,7 +182,8 @@ class Refiner:
         self._engine = make_engine(
             a.engine, a.model, dtype=a.dtype, openai_base_url=a.openai_base_url,
             openai_api_key=engine_key.get_secret_value() if engine_key else None, openai_prefill=a.openai_prefill,
-            openai_max_parallel=a.openai_max_parallel, openai_timeout_s=a.openai_timeout_s, max_batch=a.batch_max_rows,
+            openai_max_parallel=a.openai_max_parallel, openai_timeout_s=a.openai_timeout_s,
+            openai_retries=a.openai_retries, max_batch=a.batch_max_rows,
             llm_handle=llm,
             max_model_len=vllm_max_model_len(a.model, a.vllm_engine_kwargs) if a.engine == "vllm" else None)
         engine_cap = self._engine.max_new_tokens_limit
@@ -273,6 +274,8 @@ class Refiner:
         try:
             if direct is not None:
                 outs = await direct(rows)
+                for o in outs:
+                    self._finished[o.finish_reason] = self._finished.get(o.finish_reason, 0) + 1
             elif hasattr(self._engine, "advance"):
                 states = self._engine.start(rows)
                 pending = states
@@ -411,6 +414,9 @@ class Refiner:
                            stop=body.stops())
                     for i in range(body.n)]
             outs = await self._generate(rows, w)
+            refused = next((o.error for o in outs if o.finish_reason == "error"), None)
+            if refused is not None:
+                raise ClientError(502, f"the endpoint behind this server refused the request: {refused}")
             completion = sum(o.completion_tokens for o in outs)
             prompt = outs[0].prompt_tokens if outs else 0
             return ChatCompletion(
@@ -430,9 +436,11 @@ class Refiner:
         return copy.deepcopy(self._info)
 
     async def stats(self) -> dict:
-        """Rows this replica ended, by finish reason ('stop', 'length', 'timeout', 'cancelled'), and the pieces
-        of work waiting for the model now."""
-        return {"finished": dict(self._finished), "waiting_pieces": len(self._waiting)}
+        """Rows this replica ended, by finish reason ('stop', 'length', 'timeout', 'cancelled', 'error'), the
+        pieces of work waiting for the model now, and an external engine's calls ('sent', 'ok', 'transient',
+        'refused', 'gave_up')."""
+        return {"finished": dict(self._finished), "waiting_pieces": len(self._waiting),
+                "engine_calls": dict(getattr(self._engine, "calls", {}))}
 
     async def check_health(self) -> None:
         """Serve's periodic replica check: the engine behind the replica answers (vLLM's deployment)."""
@@ -490,6 +498,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body, sample count or token request over this server's limits."},
     422: {"description": "The body does not match the schema (each bad field is named)."},
     500: {"description": "The server failed on this request (the error names the exception type)."},
+    502: {"description": "engine 'openai': the endpoint behind this server failed or refused (the error names it)."},
     503: {"description": "Overloaded, or the model replica is restarting: retry after the Retry-After seconds."},
     504: {"description": "The request's work passed the server's generation deadline."},
 }
@@ -632,6 +641,10 @@ class Gateway:
             raise
         except ClientError:
             raise           # answered by _client_error
+        except TeacherUnavailable as exc:
+            if not http:
+                raise
+            raise HTTPException(502, str(exc), headers={"Retry-After": f"{retry:g}"}) from None
         except BackPressureError as exc:
             if not http:
                 raise

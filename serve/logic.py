@@ -166,6 +166,10 @@ async def _run_step(gen: Generate, items: list[_Item], request: RefineRequest, s
                              f"generation_timeout_s); send fewer samples or tokens per request"
                              if out.finish_reason == "timeout" else f"{name} cancelled: the caller went away")
                 continue
+            if out.finish_reason == "error":
+                # The engine's endpoint refused this row (e.g. over its context): asking again gets the same.
+                it.failed, it.reason = True, f"{name} failed: {out.error}"
+                continue
             text = (row.messages[-1]["content"] + out.text) if prefill else out.text
             why = check(it, text, request.operation)
             if why is not None:

@@ -59,8 +59,9 @@ def ray_local():
 @pytest.fixture(scope="session")
 def loop_run(ray_local, tiny_model, tmp_path_factory):
     """One finished 2-round run of the loop, shared by the tests that read a run directory (the loop's own
-    contract, the report, `middo status/show/diff`): the tiny model on 69 rows, 3 invalid demo rows and
-    the corpus of bad rows (tests/corpus) among them. Read it, never change it: a test that needs a changed or unfinished run copies it first.
+    contract, the report, `middo status/show/diff`): the tiny model on 69 rows, then the corpus of bad rows
+    (tests/corpus); 3 of the 69 and all but one of the corpus are invalid. Read it, never change it: a test
+    that needs a changed or unfinished run copies it first.
 
     Returns ``(run_dir, summary, port)``; ``port`` is the Serve HTTP port the run used (a rerun of the same
     config resumes it).

@@ -17,8 +17,11 @@ Per shard, the same steps in the same order whatever the cluster:
 
 Failure policy (DESIGN.md "row errors are data, service death is fatal"): an item the refiner could not
 rewrite, a rewrite the judge rejected, and every item of a request that did not answer within
-``refine.request_timeout_s`` come back with status "failed" and a reason, and merge keeps the original
-sample; a request that raises (dead replica, lost connection, broken contract) stops the stage.
+``refine.request_timeout_s`` or whose teacher could not answer (its endpoint down or refusing, after the
+engine's retries) come back with status "failed" and a reason, and merge keeps the original sample.
+``refine.max_consecutive_failures`` such teacher failures in a row stop the stage with the endpoint's error
+(the shards not finished stay uncommitted, the answers received are cached: the rerun continues); a
+request that raises anything else (dead replica, broken contract) stops the stage.
 
 The package: :mod:`~middo_ray.refine.jobs` (jobs and the requests they become), :mod:`~middo_ray.refine.teacher`
 (rewriting and re-judging a list of jobs through the deployment handles) and, here, the stage: the per-shard
@@ -44,7 +47,7 @@ import pyarrow as pa
 
 from middo_ray import storage
 from middo_ray.config import RefineConfig
-from middo_ray.llmcalls import LLMCallCache
+from middo_ray.llmcalls import Breaker, LLMCallCache, TeacherStopped
 from middo_ray.refine.jobs import CHUNK_STRIDE, JOB_KEYS, build_jobs, plan_requests, request_seed
 from middo_ray.refine.teacher import (JUDGE_CUTOFF_LEN, RefineOutcome, _finite, _new_stats, accept_rewrite,
                                       outcome_counts, refine_jobs, rejudge, rewrite_jobs)
@@ -132,6 +135,8 @@ class _Client:
         self.cfg = RefineConfig(**refine)
         self.app, self.seed, self.max_in_flight = app, seed, max_in_flight
         self.cache = LLMCallCache(cache_dir) if (cache_dir is not None and self.cfg.cache) else None
+        # Requests in a row the teacher could not answer, counted across this worker's shards.
+        self.breaker = Breaker(self.cfg.max_consecutive_failures)
         self._handle = None
 
     @property
@@ -146,10 +151,32 @@ class _Client:
         return self._handle
 
 
+def _stopped(unit: dict, message: str) -> dict:
+    """The summary of a unit left uncommitted because the teacher stopped the stage (see :func:`_raise_stop`)."""
+    return {"unit": unit["id"], "rows": 0, "stopped": message}
+
+
+def _raise_stop(*summary_lists: list[dict]) -> None:
+    """Raises TeacherStopped in the driver when a worker stopped on the teacher (its units stay uncommitted, so
+    the rerun redoes them; raised here rather than in the worker, where Ray would wrap it beyond recognition)."""
+    for summaries in summary_lists:
+        for s in summaries:
+            if s.get("stopped"):
+                raise TeacherStopped(s["stopped"])
+
+
 class RewriteShards(_Client):
     """Builds a shard's jobs and asks the teacher; commits the shard's rewrites."""
 
     def process(self, unit: dict) -> dict:
+        if self.breaker.stopped:                      # the teacher stopped this worker: no more calls
+            return _stopped(unit, self.breaker.stopped)
+        try:
+            return self._process(unit)
+        except TeacherStopped as exc:
+            return _stopped(unit, str(exc))
+
+    def _process(self, unit: dict) -> dict:
         rows = storage.read_table(unit["dataset"], ["sample_id", "instruction", "input", "output"]).to_pylist()
         flags = storage.read_table(unit["flags"], ["sample_id", *JOB_AXES])
         if flags.column("sample_id").to_pylist() != [r["sample_id"] for r in rows]:
@@ -161,7 +188,7 @@ class RewriteShards(_Client):
         jobs = build_jobs(rows, {a: flags.column(a).to_pylist() for a in JOB_AXES}, hints)
         stats = _new_stats()
         results = rewrite_jobs(jobs, self.handle, self.cfg, self.seed, self.cache, stats, unit["chunk_base"],
-                               self.max_in_flight) if jobs else []
+                               self.max_in_flight, self.breaker) if jobs else []
         summary = {"unit": unit["id"], "rows": len(rows), **outcome_counts(jobs, results, self.cfg, stats)}
         storage.write_table(unit["commit"], _result_table(jobs, results), summary)
         return summary
@@ -176,11 +203,19 @@ class JudgeShards(_Client):
         self.template, self.cutoff_len = template, cutoff_len
 
     def process(self, unit: dict) -> dict:
+        if self.breaker.stopped:
+            return _stopped(unit, self.breaker.stopped)
+        try:
+            return self._process(unit)
+        except TeacherStopped as exc:
+            return _stopped(unit, str(exc))
+
+    def _process(self, unit: dict) -> dict:
         jobs, results = read_results(unit["rewrites"])
         stats = _new_stats()
         if self.app is not None:
             rejudge(jobs, results, self.handle, self.cfg, self.seed, self.cache, stats, self.template,
-                    self.cutoff_len, unit["chunk_base"], self.max_in_flight)
+                    self.cutoff_len, unit["chunk_base"], self.max_in_flight, self.breaker)
         summary = {"unit": unit["id"], "rows": unit["rows"], **outcome_counts(jobs, results, self.cfg, stats)}
         storage.write_table(unit["commit"], _result_table(jobs, results), summary)
         return summary
@@ -244,7 +279,9 @@ def run(ctx: StageContext, cfg: RefineConfig, inputs: dict) -> StageResult:
     app = apps.teacher() if inputs.get("jobs", 1) and pending else None
     rewrites = map_shards(units, RewriteShards, _client_kwargs(ctx, cfg, app), what="refine: rewrite",
                           actors=_pool(cfg, len(units)))
+    _raise_stop(rewrites)
     finals = _judge_phase(ctx, cfg, units, rewrites, apps, inputs["judge_model"])
+    _raise_stop(finals)
     results = ShardSet.collect(ctx.path("results"), dataset.names)
     results.save()
     info = _info(finals, rewrites, cfg, time.time() - t0)
@@ -257,7 +294,8 @@ def run(ctx: StageContext, cfg: RefineConfig, inputs: dict) -> StageResult:
 def _info(finals: list[dict], rewrites: list[dict], cfg: RefineConfig, seconds: float) -> dict:
     counts = {"jobs": 0, "ok": 0, "failed": 0, "by_operation": {}, "accept": cfg.accept, **_new_stats()}
     for s in finals + rewrites:
-        for k in ("cache_hits", "cache_misses", "timeouts", "judged", "rejected", "judge_requests", "requests"):
+        for k in ("cache_hits", "cache_misses", "timeouts", "teacher_errors", "judged", "rejected", "judge_requests",
+                  "requests"):
             counts[k] += int(s.get(k, 0))
         for k in ("judge_model", "judge_revision"):
             if s.get(k) is not None:

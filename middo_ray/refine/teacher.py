@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from middo_ray.config import RefineConfig
-from middo_ray.llmcalls import Call, LLMCallCache, app_info, checked_results, run_calls
+from middo_ray.llmcalls import Breaker, Call, LLMCallCache, app_info, checked_results, run_calls
 from middo_ray.refine.jobs import _check_jobs, plan_requests
 from middo_ray.wire import RefineResult
 
@@ -36,13 +36,15 @@ class RefineOutcome:
 
 
 def _new_stats() -> dict[str, Any]:
-    return {"cache_hits": 0, "cache_misses": 0, "timeouts": 0, "judged": 0, "rejected": 0, "judge_requests": 0,
-            "requests": 0}
+    return {"cache_hits": 0, "cache_misses": 0, "timeouts": 0, "teacher_errors": 0, "judged": 0, "rejected": 0,
+            "judge_requests": 0, "requests": 0}
 
 
 def rewrite_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
-                 stats: dict, chunk_base: int = 0, max_in_flight: int | None = None) -> list[dict]:
-    """The teacher's answer to every job (RefineResult dicts in job order; a timed-out request fails its items)."""
+                 stats: dict, chunk_base: int = 0, max_in_flight: int | None = None,
+                 breaker: Breaker | None = None) -> list[dict]:
+    """The teacher's answer to every job (RefineResult dicts in job order; a request that timed out or found
+    the teacher unavailable fails its items)."""
     _check_jobs(jobs)
     plan = plan_requests(jobs, cfg, seed, chunk_base)
     stats["requests"] += len(plan)
@@ -52,7 +54,8 @@ def rewrite_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache: 
     ident = app_info(handle, "refiner")
     calls = [Call("refine", request, f"refine request ({request['operation']}, {len(positions)} samples, "
                                      f"first id {request['samples'][0]['sample_id']})") for positions, request in plan]
-    run_calls(handle, calls, max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache, ident, stats)
+    run_calls(handle, calls, max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache, ident, stats,
+              breaker or Breaker(cfg.max_consecutive_failures))
     for (positions, request), call in zip(plan, calls):
         if call.error:
             for pos in positions:
@@ -121,7 +124,7 @@ def _judge_calls(jobs: list[dict], results: list[dict], positions: list[int], cf
 
 def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
             stats: dict, template: str = "auto", cutoff_len: int = JUDGE_CUTOFF_LEN, chunk_base: int = 0,
-            max_in_flight: int | None = None) -> None:
+            max_in_flight: int | None = None, breaker: Breaker | None = None) -> None:
     """Judges every ok rewrite with its original and turns rejected ones into failures (in place)."""
     positions = [i for i, r in enumerate(results) if r["status"] == "ok"]
     if cfg.accept == "none" or not positions:
@@ -132,7 +135,7 @@ def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, se
                          chunk_base)
     stats["judge_requests"] += len(calls)
     run_calls(handle, [c for _, c in calls], max_in_flight or cfg.max_concurrency, cfg.request_timeout_s, cache,
-              ident, stats)
+              ident, stats, breaker or Breaker(cfg.max_consecutive_failures))
     for part, call in calls:
         if call.error:
             for i in part:
@@ -194,10 +197,11 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache_di
     t0 = time.monotonic()
     stats = _new_stats()
     cache = LLMCallCache(cache_dir) if (cache_dir is not None and cfg.cache) else None
-    results = rewrite_jobs(jobs, handle, cfg, seed, cache, stats, chunk_base)
+    breaker = Breaker(cfg.max_consecutive_failures)
+    results = rewrite_jobs(jobs, handle, cfg, seed, cache, stats, chunk_base, breaker=breaker)
     if cfg.accept != "none" and any(r["status"] == "ok" for r in results):
         rejudge(jobs, results, judge() if judge is not None else handle, cfg, seed, cache, stats, judge_template,
-                judge_cutoff_len, chunk_base)
+                judge_cutoff_len, chunk_base, breaker=breaker)
     counts = {**outcome_counts(jobs, results, cfg, stats), "seconds": round(time.monotonic() - t0, 3)}
     log.info("refine: %s", counts)
     return RefineOutcome(results=results, counts=counts)

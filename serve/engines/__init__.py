@@ -46,8 +46,8 @@ def __dir__() -> list[str]:
 
 def make_engine(engine: str, model: str, dtype: str = "auto", openai_base_url: str | None = None,
                 openai_api_key: str | None = None, openai_prefill: bool = False, openai_max_parallel: int = 8,
-                openai_timeout_s: float = 120.0, max_batch: int = DEFAULT_MAX_BATCH, llm_handle=None,
-                max_model_len: int | None = None) -> Engine:
+                openai_timeout_s: float = 120.0, openai_retries: int = 3, max_batch: int = DEFAULT_MAX_BATCH,
+                llm_handle=None, max_model_len: int | None = None) -> Engine:
     """Builds the engine named by ``engine`` ('transformers', 'vllm' or 'openai').
 
     'vllm' needs ``llm_handle`` (the handle of the app's LLMServer deployment) and ``max_model_len``.
@@ -70,5 +70,6 @@ def make_engine(engine: str, model: str, dtype: str = "auto", openai_base_url: s
         from serve.engines.openai import OpenAIEngine
 
         return OpenAIEngine(openai_base_url, model, openai_api_key, prefill=openai_prefill,
-                            max_parallel=openai_max_parallel, timeout_s=openai_timeout_s)
+                            max_parallel=openai_max_parallel, timeout_s=openai_timeout_s,
+                            retries=openai_retries)
     raise ValueError(f"unknown engine '{engine}'; use 'transformers', 'vllm' or 'openai'")

@@ -75,9 +75,11 @@ class GenOut:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # "stop" (EOS or a stop string), "length" (hit max_new_tokens), "timeout" (the row's deadline passed)
-    # or "cancelled" (its caller went away); the last two keep the text generated so far.
+    # "stop" (EOS or a stop string), "length" (hit max_new_tokens), "timeout" (the row's deadline passed),
+    # "cancelled" (its caller went away), the last two keep the text generated so far; or "error" (an external
+    # engine refused this row: ``error`` says why, and there is no text).
     finish_reason: str = "stop"
+    error: str | None = None
 
 
 @runtime_checkable
