@@ -93,6 +93,17 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shutdown_ray() -> None:
+    """Disconnects from Ray (and stops a local Ray of the run's own) before the process exits with its code."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as exc:  # noqa: BLE001 - exiting anyway
+        print(f"middo: Ray did not shut down cleanly: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def stop_message(exc: BaseException) -> str | None:
     """The message of a stage that stopped on purpose (:class:`~middo_ray.llmcalls.TeacherStopped`) wherever it
     sits in the chain of errors that Ray Data and Ray wrap around it; None for any other failure."""
@@ -149,11 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.model_dump(), indent=2))
         return 0
     _setup_logging(args.verbose)
-    from middo_ray.loop import run_loop
+    from middo_ray.loop import Interrupted, run_loop
     from middo_ray.rundir import RunLocked
 
     try:
         summary = run_loop(cfg)
+    except Interrupted as stop:
+        print(f"middo: stopped by {stop.name}; the finished stages and shards are kept: run the same command "
+              "again to continue", file=sys.stderr)
+        _shutdown_ray()
+        return stop.exit_code
     except RunLocked as exc:
         print(f"middo: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,11 @@ same run id resumes), times each stage and keeps the round's manifest.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -126,32 +130,85 @@ def _rebuild_report(run: Run) -> None:
         log.warning("report not rebuilt after this round: %s: %s", type(exc).__name__, exc)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the driver: the loop stopped where it was.
+
+    Raised in the main thread by the handler :func:`stop_on_signals` installs; on its way out the Serve apps
+    are deleted and the run lock released, and the stages keep what they committed (a rerun continues). A
+    ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 143 for SIGTERM, 130 for SIGINT."""
+        return 128 + self.signum
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread (Ray's own driver handler would
+    ``sys.exit`` wherever the driver is, with Ray's threads still running); a second signal ends the process
+    at once. Outside the main thread nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum, frame):
+        if fired:                                     # asked twice: no more clean-up
+            os._exit(128 + signum)
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def run_loop(cfg: MiddoConfig, on_round: Callable[[int, dict], Any] | None = None) -> dict:
     """Runs the loop to a stop rule and writes the final dataset; returns the summary.
 
     Raises:
         InputError: A file or folder the run needs is missing or unusable (before anything starts).
         RunLocked: Another live process runs in this run directory.
+        Interrupted: SIGTERM or SIGINT stopped it (in the main thread; see :func:`stop_on_signals`).
     """
     require_inputs(cfg)
     run = Run(cfg).open()
     try:
         console.set_run_dir(run.root)
-        init_ray(cfg)
-        metrics.set_run(cfg.run.run_id)
-        check_gpu_fit(cfg)
-        t_start = time.time()
-        with ServeApps(cfg) as apps:
-            metrics.set_round(0)
-            st = _round_zero(run)
-            _rebuild_report(run)
-            while not st.stop:
-                metrics.set_round(st.k + 1)
-                manifest = _next_round(run, st, apps)
-                _rebuild_report(run)
-                if on_round:
-                    on_round(st.k, manifest)
-        return _finish(run, st, t_start)
+        init_ray(cfg)                                 # Ray sets its own SIGTERM handler: ours goes on top
+        with stop_on_signals():
+            return _run_rounds(run, cfg, on_round)
     finally:
         console.set_run_dir(None)
         run.close()
+
+
+def _run_rounds(run: Run, cfg: MiddoConfig, on_round: Callable[[int, dict], Any] | None) -> dict:
+    """Round 0, then rounds until a stop rule fires, with the Serve apps up; then ``final/``."""
+    metrics.set_run(cfg.run.run_id)
+    check_gpu_fit(cfg)
+    t_start = time.time()
+    with ServeApps(cfg) as apps:
+        metrics.set_round(0)
+        st = _round_zero(run)
+        _rebuild_report(run)
+        while not st.stop:
+            metrics.set_round(st.k + 1)
+            manifest = _next_round(run, st, apps)
+            _rebuild_report(run)
+            if on_round:
+                on_round(st.k, manifest)
+    return _finish(run, st, t_start)
