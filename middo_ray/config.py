@@ -255,7 +255,9 @@ class TrainConfig(_Section):
                             "otherwise (Ray Train's rule); 'gloo' on GPU workers for debugging, or where the nodes "
                             "declare GPUs that torch cannot use (a simulated cluster).")
     max_failures: int = Field(
-        0, ge=-1, description="Worker-group restarts after a worker dies, each from the last checkpoint (-1 = unlimited).")
+        2, ge=-1, description="Worker-group restarts after a worker dies (a node lost, a worker killed for memory), each "
+                              "from the last checkpoint (train.checkpoint_every_steps); -1 = unlimited, 0 = the "
+                              "stage fails at once (a rerun still resumes from the checkpoints).")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (the schedule is planned for them); None = the "
                                 "steps of train.epochs. For smoke runs and benchmarks.")

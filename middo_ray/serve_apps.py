@@ -38,6 +38,9 @@ def use_proxy_middleware() -> None:
     for key, value in PROXY_ENV.items():
         os.environ.setdefault(key, value)
 HEALTH_TIMEOUT_S = 600.0
+# Tries of one app's start-up (the app deleted and deployed again between them), waits of 10 s, 20 s, ...
+DEPLOY_TRIES = 3
+DEPLOY_BACKOFF_S = 10.0
 
 
 def _load_builder(path: str = APP_IMPORT_PATH):
@@ -169,22 +172,44 @@ def deploy(cfg: MiddoConfig, name: str, args: dict[str, Any], route_prefix: str,
     Returns:
         The DeploymentHandle of the app's ingress.
 
+    A start-up that fails (Serve gave the app up after its own constructor retries, or it did not answer in
+    ``health_timeout_s``) is tried again, ``DEPLOY_TRIES`` times in all, the failed app deleted in between.
+
     Raises:
-        RuntimeError: The app cannot be imported or does not become healthy in time.
+        RuntimeError: The app cannot be imported, or did not start and become healthy in ``DEPLOY_TRIES`` tries.
         ValueError: The app's arguments are invalid (e.g. a public host without an API key).
     """
     from ray import serve as ray_serve
 
     r = cfg.refine
-    app = _load_builder()(args)
-    ray_serve.start(proxy_location=r.proxy_location, http_options={"host": r.http_host, "port": r.http_port})
-    # serve.run returns once every replica's constructor (model load) has finished.
-    handle = ray_serve.run(app, name=name, route_prefix=route_prefix)
-    if r.proxy_location == "Disabled":        # no HTTP: the handle answers for the app
-        url, info = "its handle (no HTTP proxy)", handle.info.remote().result(timeout_s=health_timeout_s)
-    else:
-        url = app_url(cfg, route_prefix)
-        info = _wait_healthy(url, health_timeout_s)
+    app = _load_builder()(args)               # bad arguments fail here, once (ValueError)
+    for attempt in range(1, DEPLOY_TRIES + 1):
+        try:
+            ray_serve.start(proxy_location=r.proxy_location, http_options={"host": r.http_host, "port": r.http_port})
+            # serve.run returns once every replica's constructor (model load) has finished; Serve itself
+            # retries a constructor that fails (max_constructor_retry_count), then gives the app up.
+            handle = ray_serve.run(app, name=name, route_prefix=route_prefix)
+            if r.proxy_location == "Disabled":        # no HTTP: the handle answers for the app
+                url, info = "its handle (no HTTP proxy)", handle.info.remote().result(timeout_s=health_timeout_s)
+            else:
+                url = app_url(cfg, route_prefix)
+                info = _wait_healthy(url, health_timeout_s)
+            break
+        except (ImportError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a replica that could not start (memory, a node lost): again
+            if attempt == DEPLOY_TRIES:
+                raise RuntimeError(f"serve: '{name}' did not start after {DEPLOY_TRIES} tries: {type(exc).__name__}: "
+                                   f"{str(exc)[:500]}. See the replica's log in Ray's session logs; check that "
+                                   "the model loads and the nodes have the memory for it") from exc
+            wait = DEPLOY_BACKOFF_S * attempt
+            log.warning("serve: '%s' did not start (%s: %s); deleting it and trying again in %.0fs (%d of %d)",
+                        name, type(exc).__name__, str(exc)[:200], wait, attempt + 1, DEPLOY_TRIES)
+            try:
+                ray_serve.delete(name)
+            except Exception:  # noqa: BLE001 - nothing to delete
+                pass
+            time.sleep(wait)
     log.info("serve: '%s' healthy at %s (model %s)", name, url, info.get("model"))
     return handle
 

@@ -276,8 +276,8 @@ def test_killed_workers_and_a_rerun_resume_from_checkpoints(ddp_run, tmp_path, m
     out = tmp_path / "train"
     monkeypatch.setenv(CRASH_ENV, f"5:{tmp_path / 'crash1'}")
     with pytest.raises(RuntimeError, match="same run name resumes"):
-        train_sft(TRAIN_ROWS, _cfg("train.num_workers=2", "train.checkpoint_every_steps=2"), out, "tiny",
-                  run_name="round_1")
+        train_sft(TRAIN_ROWS, _cfg("train.num_workers=2", "train.checkpoint_every_steps=2", "train.max_failures=0"),
+                  out, "tiny", run_name="round_1")
     assert (tmp_path / "crash1").is_file() and any((out / "ray_train" / "round_1").glob("checkpoint_*"))
 
     monkeypatch.setenv(CRASH_ENV, f"11:{tmp_path / 'crash2'}")
