@@ -116,6 +116,10 @@ def map_shards(units: list[dict], worker_cls: type, worker_kwargs: dict | None =
         # "_progress": the key under which a worker may report rows done within its unit (console.report_unit).
         ds = ray.data.from_items([{"unit": json.dumps({**u, "_progress": what})} for u in pending],
                                  override_num_blocks=len(pending))
+        # A unit is a whole shard: it may run far longer than Ray Data's no-progress timeout (30 min) without
+        # any block moving, and that guard would abort the whole stage. Progress within a unit goes to the
+        # console instead (console.report_unit); a unit lost with its worker is retried by Ray Data.
+        ds.context.execution_no_progress_timeout_s = -1
         if actors is not None:
             actors = dict(actors)
             size = actors.pop("concurrency", 1)
