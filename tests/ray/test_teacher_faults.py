@@ -74,3 +74,42 @@ def test_a_teacher_that_fails_stops_the_stage_cleanly_and_the_rerun_continues(ra
         assert len(teacher.answered_twice()) <= 2, teacher.answered_twice()
     finally:
         teacher.close()
+
+
+def test_over_http_a_failing_endpoint_is_a_502_naming_it(ray_local, monkeypatch):
+    """The refiner app with engine 'openai' in front of a failing endpoint: chat and refine are answered at
+    once with 502 JSON naming the endpoint and its status (not a 500 'internal error'); when the endpoint is
+    well again, the same requests are answered."""
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    monkeypatch.setenv("MIDDO_TEST_TEACHER_KEY", "k")
+    teacher = TeacherServer()
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model": "teacher", "engine": "openai", "openai_base_url": teacher.base_url,
+                             "openai_api_key_env": "MIDDO_TEST_TEACHER_KEY", "openai_retries": 1,
+                             "num_cpus": 0.1}), name="tf-http", route_prefix="/tf")
+        base = f"http://127.0.0.1:{port}/tf"
+        chat = {"model": "teacher", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+        refine = {"operation": "improve", "samples": [{"instruction": "Name a prime.", "output": "Seven."}],
+                  "sampling": {"max_new_tokens": 8, "seed": 1}, "max_retries": 0}
+        teacher.mode = "http500"
+        for path, body in (("/v1/chat/completions", chat), ("/v1/refine", refine)):
+            resp = httpx.post(f"{base}{path}", json=body, timeout=120)
+            assert resp.status_code == 502, (path, resp.text)
+            message = resp.json()["error"]["message"]
+            assert teacher.base_url in message and "HTTP 500" in message, message
+            assert resp.headers.get("retry-after")
+        teacher.mode = "ok"
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120).status_code == 200
+        got = httpx.post(f"{base}/v1/refine", json=refine, timeout=120)
+        assert got.status_code == 200 and got.json()["results"][0]["status"] in ("ok", "failed")
+    finally:
+        serve.delete("tf-http")
+        if not serve.status().applications:
+            serve.shutdown()
+        teacher.close()
