@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _setup_logging(args.verbose)
     from middo_ray.loop import Interrupted, run_loop
-    from middo_ray.rundir import RunLocked
+    from middo_ray.rundir import ConfigMismatch, RunLocked
 
     try:
         summary = run_loop(cfg)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               "again to continue", file=sys.stderr)
         _shutdown_ray()
         return stop.exit_code
-    except RunLocked as exc:
+    except (RunLocked, ConfigMismatch) as exc:
         print(f"middo: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

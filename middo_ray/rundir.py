@@ -46,6 +46,10 @@ class RunLocked(RuntimeError):
     """Another live process runs the loop in this run directory."""
 
 
+class ConfigMismatch(ValueError):
+    """The run directory was made with other settings: resuming it would mix stages of two configs."""
+
+
 class RunLock:
     """One run per run directory: an exclusive ``flock`` on ``<run_dir>/_LOCK``, which names its holder.
 
@@ -206,6 +210,29 @@ def read_record(stage_dir: str) -> dict:
     return storage.read_json(storage.join(stage_dir, RECORD))
 
 
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """The settings (``section.key: old -> new``) in which config ``now`` differs from the ``saved`` config of a
+    run directory; the run and ray sections (where and how it runs) do not count.
+
+    A setting that the saved config does not have (added by a newer version of middo-ray) counts as changed
+    only when it is not at its default, so an upgrade does not make an unfinished run unresumable; a setting
+    the saved config has and ``now`` lacks (removed since) does not count either.
+    """
+    defaults = MiddoConfig().model_dump()
+    out = []
+    for section, values in now.items():
+        if section in ("run", "ray") or not isinstance(values, dict):
+            continue
+        before = saved.get(section) or {}
+        for key, value in values.items():
+            if key not in before:
+                if value != defaults.get(section, {}).get(key):
+                    out.append(f"{section}.{key}: not set -> {value!r}")
+            elif before[key] != value:
+                out.append(f"{section}.{key}: {before[key]!r} -> {value!r}")
+    return out
+
+
 class Run:
     """A run directory: its config, its rounds and where the Serve apps and caches live."""
 
@@ -235,12 +262,11 @@ class Run:
         saved_path = storage.join(self.root, "config.json")
         if not (self.cfg.run.resume and storage.exists(saved_path)):
             return
-        saved, now = storage.read_json(saved_path), self.cfg.model_dump()
-        changed = sorted(k for k in now if k not in ("run", "ray") and saved.get(k) != now[k])
+        changed = changed_settings(storage.read_json(saved_path), self.cfg.model_dump())
         if changed:
-            raise ValueError(f"run directory {self.root} was made with a different config (sections: "
-                             f"{', '.join(changed)}); its finished stages would not match. Use a new run.run_id, "
-                             "or set run.resume=false to redo every stage")
+            raise ConfigMismatch(f"run directory {self.root} was made with a different config ({'; '.join(changed)}); "
+                             "its finished stages would not match. Use a new run.run_id, or set run.resume=false "
+                             "to redo every stage")
 
     def close(self) -> None:
         """Releases the run lock (the loop calls it however it ends)."""

@@ -152,14 +152,29 @@ def test_one_run_per_run_directory(tmp_path):
 
 @pytest.mark.unit
 def test_resume_refuses_a_changed_config(tmp_path):
-    """Resuming a run directory with a different config is an error naming the changed section."""
+    """Resuming a run directory with a different config is an error naming the changed setting, its old and new
+    value; a setting the saved config lacks (added by a newer version) counts only when it is not at its
+    default, and where the run runs (run, ray) does not count."""
+    import json
+
     from middo_ray.rundir import Run
 
     cfg = _cfg(tmp_path, 8000)
-    Run(cfg).open()
-    Run(cfg).open()
+    run = Run(cfg).open()
+    run.close()
+    Run(cfg).open().close()
+    saved = tmp_path / "t" / "config.json"
+    older = json.loads(saved.read_text())
+    del older["select"]["budget_fraction"], older["refine"]["max_consecutive_failures"]
+    older["train"]["a_setting_since_removed"] = 1
+    saved.write_text(json.dumps(older))
+    cfg.ray.num_cpus = 1
+    Run(cfg).open().close()                                  # settings new since, at their defaults
+    saved.write_text(json.dumps(older))
     cfg.select.quality_m = 2.0
-    with pytest.raises(ValueError, match="sections: select"):
+    cfg.select.budget_fraction = 0.3
+    with pytest.raises(ValueError, match=r"\(select\.quality_m: 1\.0 -> 2\.0; select\.budget_fraction: not set -> "
+                                         r"0\.3\); its finished stages would not match"):
         Run(cfg).open()
 
 
