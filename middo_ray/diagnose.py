@@ -4,9 +4,10 @@
   (``loss_cur``), prompt masked, padding never counted (``scoring.forward_scores``);
 - diversity: mask-aware mean of the current model's last hidden states over the prompt tokens, taken
   from the same forward pass as ``loss_cur`` (causal attention makes them equal to a prompt-only
-  pass). Note: the reference pools the raw ``instruction\\ninput`` text without a template; we pool the
-  templated prompt, which the pass already has. Each sample's k nearest neighbours by cosine similarity
-  of these embeddings give ``knn_sim``;
+  pass); under the chat template only the positions of the sample's own instruction and input are
+  pooled (``encode.encode_row``, ``Encoded.pool``: the template's shared system prompt would raise every
+  similarity). The reference pools the raw ``instruction\\ninput`` text in a pass of its own. Each sample's
+  k nearest neighbours by cosine similarity of these embeddings give ``knn_sim``;
 - quality: the current model judges factuality, clarity and completeness of the prompt and of the
   response (6 judgements, :mod:`middo_ray.judge`), by token probabilities (``diagnose.judge_mode=prob``)
   or by generating and parsing a score (``generate``, the paper's way; an unparsed answer is missing);
@@ -95,18 +96,22 @@ def _nulls(x: np.ndarray) -> pa.Array:
 
 
 class DiagnoseShards:
-    """One actor per model replica: loads M_t (and lazily the pre model) once, then diagnoses shards."""
+    """One actor per model replica: loads M_t (and lazily the pre model, unless it is M_t) once, then diagnoses
+    shards."""
 
     def __init__(self, model: str, pre_model: str, dtype: str, template: str, cutoff_len: int, batch_tokens: int,
                  rows_per_block: int, judge: bool, judge_mode: str = "prob", ifd: bool = False,
                  judge_temperature: float = 0.1, judge_max_new_tokens: int = 8, seed: int = 0):
-        from middo_ray.models import load_model, threads_for_actor
+        from middo_ray.models import load_model, resolve_model, threads_for_actor
 
         threads_for_actor()
         self.model, self.tok = load_model(model, dtype)
         self.pre_spec, self.dtype = pre_model, dtype
         self.pre_model = self.pre_tok = None
         self.same_tok = True
+        # The pre model is the current one (the audit diagnoses the base with itself): one checkpoint, loaded
+        # once, and loss_pre is the loss_cur of the same pass rather than a second pass that differs by rounding.
+        self.pre_is_current = resolve_model(pre_model) == resolve_model(model)
         self.template, self.cutoff, self.batch_tokens, self.block = template, cutoff_len, batch_tokens, rows_per_block
         self.judge, self.judge_mode, self.ifd = judge, judge_mode, ifd
         self.judge_temperature, self.judge_max_new_tokens, self.seed = judge_temperature, judge_max_new_tokens, seed
@@ -166,7 +171,9 @@ class DiagnoseShards:
             out["loss_empty"] = out["ifd"] = np.full(n, np.nan)
         need = np.asarray([r["sample_id"] not in cached for r in rows], dtype=bool)
         loss_pre = np.asarray([cached.get(r["sample_id"], np.nan) for r in rows], dtype=np.float64)
-        if need.any():
+        if need.any() and self.pre_is_current:
+            loss_pre[need] = out["loss_cur"][need]
+        elif need.any():
             self._load_pre()
             idx = np.flatnonzero(need)
             pre_enc = [enc[i] for i in idx] if self.same_tok else \

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from middo_ray.prompts import chat_messages, default_prompt
+from middo_ray.prompts import chat_messages, default_prompt, own_query
 
 
 @dataclass
@@ -22,6 +22,8 @@ class Encoded:
     input_ids: list[int]
     prompt_len: int          # tokens [0, prompt_len) are prompt (masked); the rest is response
     truncated: bool
+    # Tokens [start, end) that the prompt embedding pools (diagnosis); None = the whole prompt.
+    pool: tuple[int, int] | None = None
 
     @property
     def response_len(self) -> int:
@@ -41,15 +43,41 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _own_span(text: str, offsets: list[tuple[int, int]], row: dict) -> tuple[int, int] | None:
+    """The tokens of the rendered prompt ``text`` (with their character ``offsets``) that hold the sample's
+    own query, its last occurrence; None when it is not found (then the whole prompt is pooled)."""
+    query = own_query(row).strip()
+    at = text.rfind(query) if query else -1
+    inside = [i for i, (a, b) in enumerate(offsets) if b > at and a < at + len(query)] if at >= 0 else []
+    return (inside[0], inside[-1] + 1) if inside else None
+
+
 def encode_row(row: dict, tokenizer, template: str = "default", cutoff_len: int = 512,
                response: str | None = None) -> Encoded:
-    """Encodes one row; ``response`` overrides the row's output (used for empty-prompt passes)."""
-    prompt_ids = _ids(tokenizer, render_prompt(row, tokenizer, template))
+    """Encodes one row; ``response`` overrides the row's output (used for empty-prompt passes).
+
+    Under the chat template the prompt embedding pools the sample's own query only (``Encoded.pool``): the
+    template's system prompt and role markers are shared by every row and would raise every similarity.
+    Under the default template it pools the whole rendered prompt (the template adds ``Human: `` and
+    ``\nAssistant:`` only)."""
+    text = render_prompt(row, tokenizer, template)
+    pool = None
+    if template == "chat" and response is None and getattr(tokenizer, "is_fast", False):
+        tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        prompt_ids = tokens["input_ids"]
+        pool = _own_span(text, tokens["offset_mapping"], row)
+    else:
+        prompt_ids = _ids(tokenizer, text)
     if template == "default" and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     text = row.get("output", "") if response is None else response
     resp_ids = _ids(tokenizer, text) + [tokenizer.eos_token_id]
-    return _apply_cutoff(prompt_ids, resp_ids, cutoff_len)
+    enc = _apply_cutoff(prompt_ids, resp_ids, cutoff_len)
+    if pool is not None:
+        drop = len(prompt_ids) - enc.prompt_len          # prompt tokens cut from the start by the cutoff rule
+        start, end = max(pool[0] - drop, 0), max(pool[1] - drop, 0)
+        enc.pool = (start, end) if end > start else None
+    return enc
 
 
 def _apply_cutoff(prompt_ids: list[int], resp_ids: list[int], cutoff_len: int) -> Encoded:

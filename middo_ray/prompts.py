@@ -19,6 +19,12 @@ import re
 # and the response (followed by EOS) is what the loss is computed on.
 
 
+def own_query(row: dict) -> str:
+    """The sample's own prompt text: its instruction and input, as its last user turn carries them."""
+    inp = row.get("input") or ""
+    return f"{row['instruction']}\n{inp}" if inp else row["instruction"]
+
+
 def default_prompt(row: dict, eos_token: str = "") -> str:
     """Renders everything before the response with the 'default' template."""
     parts: list[str] = []
@@ -27,9 +33,7 @@ def default_prompt(row: dict, eos_token: str = "") -> str:
     history = row.get("history") or ""
     for user, assistant in (json.loads(history) if history else []):
         parts.append(f"Human: {user}\nAssistant:{assistant}{eos_token}\n")
-    inp = row.get("input") or ""
-    query = f"{row['instruction']}\n{inp}" if inp else row["instruction"]
-    parts.append(f"Human: {query}\nAssistant:")
+    parts.append(f"Human: {own_query(row)}\nAssistant:")
     return "".join(parts)
 
 
@@ -42,8 +46,7 @@ def chat_messages(row: dict, with_response: bool = False) -> list[dict]:
     for user, assistant in (json.loads(history) if history else []):
         msgs.append({"role": "user", "content": user})
         msgs.append({"role": "assistant", "content": assistant})
-    inp = row.get("input") or ""
-    msgs.append({"role": "user", "content": f"{row['instruction']}\n{inp}" if inp else row["instruction"]})
+    msgs.append({"role": "user", "content": own_query(row)})
     if with_response:
         msgs.append({"role": "assistant", "content": row.get("output", "")})
     return msgs

@@ -26,7 +26,7 @@ from middo_ray.encode import Encoded
 class ForwardScores:
     loss: np.ndarray            # (N,) mean NLL over response tokens (incl. EOS); NaN when there are none
     n_tokens: np.ndarray        # (N,) response tokens scored
-    embedding: np.ndarray | None  # (N, H) mask-aware mean of last hidden states over prompt tokens
+    embedding: np.ndarray | None  # (N, H) mask-aware mean of last hidden states over prompt tokens (or Encoded.pool)
 
 
 def length_batches(lengths: list[int], batch_tokens: int, max_rows: int = 256) -> list[list[int]]:
@@ -112,7 +112,11 @@ def forward_scores(model, encoded: list[Encoded], pad_id: int, batch_tokens: int
             if want_embedding:
                 if emb is None:
                     emb = np.zeros((n, hidden.shape[-1]), dtype=np.float32)
-                pmask = (ar[None, :] < plen[:, None]).to(device=device, dtype=torch.float32)
+                # The prompt tokens, or the span of them that the encoding names (Encoded.pool).
+                span = [encoded[i].pool or (0, encoded[i].prompt_len) for i in batch]
+                lo, hi = torch.as_tensor([a for a, _ in span]), torch.as_tensor([z for _, z in span])
+                pmask = ((ar[None, :] >= lo[:, None]) & (ar[None, :] < hi[:, None])).to(device=device,
+                                                                                           dtype=torch.float32)
                 summed = (hidden.float() * pmask.unsqueeze(-1)).sum(dim=1)
                 count = pmask.sum(dim=1, keepdim=True).float()
                 pooled = torch.where(count > 0, summed / count.clamp(min=1), torch.full_like(summed, float("nan")))

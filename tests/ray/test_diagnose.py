@@ -44,8 +44,21 @@ def test_losses_match_transformers_and_do_not_depend_on_batching(ray_local, tiny
         with torch.no_grad():
             want = model(input_ids=ids, labels=labels).loss.item()
         assert big.columns["loss_cur"][i] == pytest.approx(want, abs=1e-4)
-    # pre and current model are the same here, so the losses agree
-    np.testing.assert_allclose(big.columns["loss_pre"], big.columns["loss_cur"], atol=1e-5)
+    # pre and current model are the same here: one pass gives both losses
+    np.testing.assert_array_equal(big.columns["loss_pre"], big.columns["loss_cur"])
+
+
+def test_a_pre_model_that_is_the_current_one_is_loaded_once_and_not_run_again(tiny_model):
+    """Pre model = current model (as in `middo audit`): the actor loads it once and takes loss_pre from the
+    loss pass; a different pre model is still loaded and run (test_pre_model_differs...)."""
+    from middo_ray.diagnose import DiagnoseShards
+
+    rows = _rows()[:8]
+    actor = DiagnoseShards("tiny", "tiny", "float32", "default", 64, 4096, 32, judge=False)
+    out = actor._block(rows, {})
+    assert actor.pre_is_current and actor.pre_model is None
+    np.testing.assert_array_equal(out["loss_pre"], out["loss_cur"])
+    assert out["_computed"].all() and np.isfinite(out["loss_pre"]).all()
 
 
 def test_signals_are_complete_and_aligned_by_id(ray_local, tiny_model):

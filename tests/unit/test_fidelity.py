@@ -100,3 +100,35 @@ def test_cutoff_rule(tiny_model):
     assert e.response_len == len(tok("short answer.", add_special_tokens=False)["input_ids"]) + 1  # EOS kept
     short = encode_row(make_row("Hi?", "Hello."), tok, "default", cutoff)
     assert not short.truncated
+
+
+def test_chat_template_pools_the_samples_own_prompt_text(shared_data):
+    """Under data.template=chat the embedding pools the tokens of the sample's own instruction and input only
+    (the chat template's shared system prompt and role markers left out), batched as one-by-one; rows then
+    look less alike than when the whole templated prompt is pooled."""
+    model, tok = load_model("smollm2", "float32")
+    rows = _alpaca(shared_data, 16)
+    enc = [encode_row(r, tok, "chat", 1024) for r in rows]
+    for r, e in zip(rows, enc):
+        a, b = e.pool
+        assert 0 < a < b <= e.prompt_len
+        own = f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]
+        assert tok.decode(e.input_ids[a:b]).strip() == own.strip()
+    big = forward_scores(model, enc, tok.pad_token_id, batch_tokens=1 << 20, want_embedding=True)
+    for i in (0, 7, 12):
+        ids = torch.tensor([enc[i].input_ids[: enc[i].prompt_len]])
+        with torch.no_grad():
+            h = model.get_decoder()(input_ids=ids).last_hidden_state[0]
+        a, b = enc[i].pool
+        np.testing.assert_allclose(big.embedding[i], h[a:b].float().mean(0).numpy(), atol=1e-4)
+    whole = [encode_row(r, tok, "chat", 1024) for r in rows]
+    for e in whole:
+        e.pool = None
+    templated = forward_scores(model, whole, tok.pad_token_id, batch_tokens=1 << 20, want_embedding=True)
+
+    def mean_cosine(x: np.ndarray) -> float:
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        s = u @ u.T
+        return float(s[~np.eye(len(x), dtype=bool)].mean())
+
+    assert mean_cosine(big.embedding) < mean_cosine(templated.embedding) - 0.02
