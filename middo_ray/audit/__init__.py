@@ -14,11 +14,11 @@ untouched rows (:func:`audit_metrics`). Nothing is written back to the data; the
 from middo_ray.audit.inject import (DEFAULT_KINDS, KIND_DESCRIPTIONS, MAX_FRACTION, NON_ANSWERS, AuditError,
                                     check_audit_args, inject_defects)
 from middo_ray.audit.metrics import (SIGNALS, Auroc, PrecisionRecall, audit_metrics, auroc, average_ranks,
-                                     axis_scores, earlier_max_similarity, precision_recall)
+                                     axis_scores, max_similarity, precision_recall)
 from middo_ray.audit.report import format_report
 from middo_ray.audit.run import DEFAULT_DUP_THRESHOLD, default_out_dir, run_audit
 
 __all__ = ["DEFAULT_DUP_THRESHOLD", "DEFAULT_KINDS", "KIND_DESCRIPTIONS", "MAX_FRACTION", "NON_ANSWERS", "SIGNALS",
            "AuditError", "Auroc", "PrecisionRecall", "audit_metrics", "auroc", "average_ranks", "axis_scores",
-           "check_audit_args", "default_out_dir", "earlier_max_similarity", "format_report", "inject_defects",
+           "check_audit_args", "default_out_dir", "max_similarity", "format_report", "inject_defects",
            "precision_recall", "run_audit"]

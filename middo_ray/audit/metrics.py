@@ -2,7 +2,7 @@
 
 Directions matter. Middo's diversity axis flags *sparse* samples (low kNN similarity); a near-duplicate
 makes its neighbourhood *denser*, so that axis cannot find it by design, and the audit reports that as
-it is. The extra ``duplicate`` check (maximum cosine similarity of the prompt embedding to any earlier
+it is. The extra ``duplicate`` check (maximum cosine similarity of the prompt embedding to any other
 row, flagged at ``dup_threshold``) is what finds duplicates; it is reported beside the Middo axes and
 never folded into them.
 """
@@ -76,11 +76,14 @@ def precision_recall(flags: np.ndarray, positive: np.ndarray) -> PrecisionRecall
                            flagged, hits, pos)
 
 
-def earlier_max_similarity(embeddings: np.ndarray, block: int = 1024, center: bool = True) -> np.ndarray:
-    """Per row, the largest cosine similarity of its embedding to any *earlier* row's.
+def max_similarity(embeddings: np.ndarray, block: int = 1024, center: bool = True,
+                   earlier_only: bool = False) -> np.ndarray:
+    """Per row, the largest cosine similarity of its embedding to any other row's (both copies of a pair
+    score high, wherever each one is), or with ``earlier_only`` to an *earlier* row's only.
 
-    This is what a keep-the-first deduplication sees: the later copy of a pair scores high, the
-    first occurrence does not. The first row (nothing earlier) gets -1; rows with a zero or non-finite
+    ``earlier_only`` is what a keep-the-first deduplication sees: the later copy of a pair scores high, the
+    first occurrence does not (and a planted copy placed before its original is invisible); the audit's
+    duplicate check scores both. A row with nothing to compare with gets -1; rows with a zero or non-finite
     embedding get NaN and are never compared. ``center`` subtracts the mean embedding first: LM hidden
     states share a large common direction that pushes every cosine towards 1. Memory is block x N.
     """
@@ -98,9 +101,11 @@ def earlier_max_similarity(embeddings: np.ndarray, block: int = 1024, center: bo
     unit[valid] = e[valid] / norms[valid, None]
     for start in range(0, n, block):
         stop = min(start + block, n)
-        s = unit[start:stop] @ unit[:stop].T                       # (b, stop)
-        s[:, ~valid[:stop]] = -np.inf
-        s[np.arange(stop - start)[:, None] <= np.arange(stop)[None, :] - start] = -np.inf   # j >= i
+        width = stop if earlier_only else n
+        s = unit[start:stop] @ unit[:width].T                      # (b, width)
+        s[:, ~valid[:width]] = -np.inf
+        j, i = np.arange(width)[None, :], np.arange(start, stop)[:, None]
+        s[(j >= i) if earlier_only else (j == i)] = -np.inf       # itself (and, earlier_only, every later row)
         best = s.max(axis=1, initial=-np.inf)
         out[start:stop] = np.where(np.isfinite(best), best, -1.0)
     out[~valid] = np.nan
@@ -124,7 +129,7 @@ def axis_scores(columns: dict[str, np.ndarray], dup_sim: np.ndarray | None = Non
     - diversity: ``-knn_sim`` (Middo flags *low* similarity: sparse samples);
     - quality: ``-quality``;
     - ifd (when diagnosis produced it): ``ifd``;
-    - duplicate (when ``dup_sim`` is given): max similarity to an earlier row.
+    - duplicate (when ``dup_sim`` is given): max similarity to any other row (:func:`max_similarity`).
     """
     out = {
         # NaN when either loss is missing: such a sample is never flagged, so it gets no score either.
@@ -148,6 +153,9 @@ SIGNALS = (("loss_pre", "high"), ("loss_cur", "high"), ("knn_sim", "low"), ("qua
            ("ifd", "high"), ("dup_sim", "high"), ("n_response_tokens", "low"))
 
 
+DUPLICATE_CHECK = ("duplicate", "dup_sim")     # the axis and the signal of the duplicate check
+
+
 def _num(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
@@ -166,7 +174,8 @@ def _axis_entry(score: np.ndarray | None, flags: np.ndarray | None, pos: np.ndar
 
 
 def audit_metrics(labels: list[dict], scores: dict[str, np.ndarray], flags: dict[str, np.ndarray],
-                  signals: dict[str, np.ndarray] | None = None, exclude: np.ndarray | None = None) -> dict:
+                  signals: dict[str, np.ndarray] | None = None, exclude: np.ndarray | None = None,
+                  partners: np.ndarray | None = None) -> dict:
     """Per axis and per defect kind x axis: precision, recall (flags) and AUROC (scores).
 
     Args:
@@ -176,6 +185,10 @@ def audit_metrics(labels: list[dict], scores: dict[str, np.ndarray], flags: dict
         signals: raw signal columns, reported one by one with the directions in :data:`SIGNALS`.
         exclude: rows left out of every figure (e.g. the demo's own known-bad rows, which are neither
             injected defects nor clean).
+        partners: the clean rows that a planted duplicate copies. The duplicate check (axis ``duplicate``,
+            signal ``dup_sim``) scores both copies of a pair alike, and either copy is the one to drop, so
+            for that check they are neither clean nor defects and are left out; every other axis counts them
+            as clean.
 
     Returns:
         ``{"base_rate", "axes": {axis: {...}}, "kinds": {kind: {"n", axis: {...}}}, "signals": {...}}``.
@@ -189,15 +202,21 @@ def audit_metrics(labels: list[dict], scores: dict[str, np.ndarray], flags: dict
     out: dict = {"rows": int(keep.sum()), "excluded": int((~keep).sum()), "defects": int(pos.sum()),
                  "base_rate": _num(pos.sum() / keep.sum()) if keep.any() else None, "axes": {}, "kinds": {},
                  "signals": {}}
+    partner = np.zeros(n, dtype=bool) if partners is None else np.asarray(partners, dtype=bool)
+
+    def rows_for(name: str, rows: np.ndarray) -> np.ndarray:
+        return rows & ~partner if name in DUPLICATE_CHECK else rows
+
     for axis in axes:
         s, f = scores.get(axis), flags.get(axis)
-        out["axes"][axis] = _axis_entry(None if s is None else s[keep], None if f is None else f[keep], pos[keep])
+        m = rows_for(axis, keep)
+        out["axes"][axis] = _axis_entry(None if s is None else s[m], None if f is None else f[m], pos[m])
     for k in sorted({k for k in kind[pos]}):
-        sub = clean | (kind == k)
-        y = (kind == k)[sub]
-        entry: dict = {"n": int(y.sum())}
+        entry: dict = {"n": int(((kind == k) & keep).sum())}
         for axis in axes:
             s, f = scores.get(axis), flags.get(axis)
+            sub = rows_for(axis, clean | (kind == k))
+            y = (kind == k)[sub]
             e = _axis_entry(None if s is None else s[sub], None if f is None else f[sub], y)
             # hits: defects of this kind that the axis flagged; auroc: this kind against the clean rows.
             entry[axis] = {key: e[key] for key in ("recall", "hits", "auroc") if key in e}
@@ -207,9 +226,12 @@ def audit_metrics(labels: list[dict], scores: dict[str, np.ndarray], flags: dict
         if v is None:
             continue
         v = v if direction == "high" else -v
-        by_kind = {k: _num(auroc(v[clean | (kind == k)], (kind == k)[clean | (kind == k)]).value)
-                   for k in out["kinds"]}
-        a = auroc(v[keep], pos[keep])
+        by_kind = {}
+        for k in out["kinds"]:
+            sub = rows_for(name, clean | (kind == k))
+            by_kind[k] = _num(auroc(v[sub], (kind == k)[sub]).value)
+        m = rows_for(name, keep)
+        a = auroc(v[m], pos[m])
         out["signals"][name] = {"suspicious": direction, "auroc": _num(a.value), "n_nan": a.n_nan,
                                 "by_kind": by_kind}
     return out

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from middo_ray.audit.inject import DEFAULT_KINDS, KIND_DESCRIPTIONS, AuditError, check_audit_args, inject_defects
-from middo_ray.audit.metrics import SIGNALS, audit_metrics, axis_scores, earlier_max_similarity
+from middo_ray.audit.metrics import SIGNALS, audit_metrics, axis_scores, max_similarity
 from middo_ray.audit.report import _fmt, _json_ready, _rule, format_report
 
 log = logging.getLogger("middo.audit")
@@ -44,7 +44,7 @@ def _checks_and_flags(cfg, flags: dict[str, np.ndarray], scores: dict[str, np.nd
         rules["ifd"] = f"ifd>{_fmt(ifd_max, 3)}"
     with np.errstate(invalid="ignore"):
         flags["duplicate"] = np.isfinite(dup) & (dup >= dup_threshold)
-    rules["duplicate"] = f"max sim to earlier>={_fmt(dup_threshold, 3)}"
+    rules["duplicate"] = f"max sim to another row>={_fmt(dup_threshold, 3)}"
     flags["any"] = any_flag
     rules["any"] = " | ".join(middo_axes)
     return flags, rules
@@ -172,11 +172,13 @@ def run_audit(cfg, fraction: float = 0.1, seed: int = 0, out_dir: str | Path | N
         raise RuntimeError("diagnosis rows do not line up with the audit rows by sample_id; this is a bug")
     sel_cfg = cfg.select.model_copy(update={"axes": list(AXES)})
     sel_flags, thresholds, _ = select_flags(diag.columns, sel_cfg)
-    dup = earlier_max_similarity(diag.embeddings)
+    dup = max_similarity(diag.embeddings)             # both copies of a pair score high, wherever each one is
+    copied = {lab["source_id"] for lab in labels if lab["kind"] == "near_duplicate"}
+    partners = np.asarray([lab["kind"] is None and lab["sample_id"] in copied for lab in labels], dtype=bool)
     cols = dict(diag.columns, dup_sim=dup)
     scores = axis_scores(diag.columns, dup)
     flags, rules = _checks_and_flags(cfg, sel_flags, scores, dup, dup_threshold, thresholds)
-    metrics = audit_metrics(labels, scores, flags, cols, exclude=exclude)
+    metrics = audit_metrics(labels, scores, flags, cols, exclude=exclude, partners=partners)
 
     counts = _counts(res, rows, unused, audit_rows, labels, kinds, exclude)
     report = _json_ready({

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from middo_ray.audit import (DEFAULT_KINDS, NON_ANSWERS, AuditError, audit_metrics, auroc, axis_scores,
-                             earlier_max_similarity, inject_defects, precision_recall)
+                             inject_defects, max_similarity, precision_recall)
 from middo_ray.schema import make_row
 from middo_ray.signals.thresholds import complexity_flags
 
@@ -201,18 +201,49 @@ def test_precision_recall_hand_cases():
         precision_recall(np.zeros(3, bool), np.zeros(4, bool))
 
 
-def test_earlier_max_similarity():
-    """Only earlier rows count: the later copy of a pair scores ~1, the first one does not; the first
-    row gets -1, a zero embedding NaN (and is nobody's neighbour); block size does not matter."""
+def test_max_similarity_scores_both_copies_and_earlier_only_the_later():
+    """Both copies of a pair score ~1 wherever each one is; with earlier_only the later copy does and the first
+    does not (nor the first row: -1); a zero embedding gets NaN and is nobody's neighbour; block size does not
+    matter."""
     e = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.01], [-1.0, 0.0]])
     for block in (1, 2, 100):
-        s = earlier_max_similarity(e, block=block, center=False)
+        s = max_similarity(e, block=block, center=False, earlier_only=True)
         assert s[0] == -1.0 and s[1] == pytest.approx(0.0) and math.isnan(s[2])
         assert s[3] == pytest.approx(1.0, abs=1e-4) and s[4] == pytest.approx(0.0, abs=1e-2)
+        both = max_similarity(e, block=block, center=False)
+        assert both[0] == pytest.approx(1.0, abs=1e-4) and both[3] == pytest.approx(1.0, abs=1e-4)
+        assert both[1] == pytest.approx(0.0, abs=1e-2) and math.isnan(both[2])
+        assert both[4] == pytest.approx(0.0, abs=1e-2)          # its best is row 1 (orthogonal), not itself
+    assert max_similarity(np.array([[1.0, 0.0]]), center=False)[0] == -1.0
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 5)) + 10.0       # a large shared offset, as LM hidden states have
-    raw, centred = earlier_max_similarity(x, center=False), earlier_max_similarity(x)
-    assert np.nanmin(raw[1:]) > 0.9 and np.nanmedian(centred[1:]) < 0.9
+    raw, centred = max_similarity(x, center=False), max_similarity(x)
+    assert np.nanmin(raw) > 0.9 and np.nanmedian(centred) < 0.9
+
+
+def test_duplicate_check_leaves_the_copied_rows_out_of_its_negatives():
+    """A planted copy placed *before* its original is found as well as one placed after; the original it copies
+    scores as high, and counts as neither clean nor defect for the duplicate check only."""
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(40, 8))
+    emb[0] = emb[30] + 1e-3                   # row 0: a planted copy of row 30, placed before it
+    emb[39] = emb[5] + 1e-3                   # row 39: a planted copy of row 5, placed after it
+    labels = [{"kind": None, "sample_id": str(i), "source_id": None} for i in range(40)]
+    labels[0] = {"kind": "near_duplicate", "sample_id": "0", "source_id": "30"}
+    labels[39] = {"kind": "near_duplicate", "sample_id": "39", "source_id": "5"}
+    partners = np.zeros(40, dtype=bool)
+    partners[[30, 5]] = True
+    dup = max_similarity(emb)
+    assert dup[0] > 0.99 and dup[39] > 0.99 and dup[30] > 0.99
+    cols = {"loss_pre": rng.random(40), "loss_cur": rng.random(40), "knn_sim": rng.random(40),
+            "quality": rng.random(40)}
+    flags = {"duplicate": dup >= 0.95}
+    m = audit_metrics(labels, axis_scores(cols, dup), flags, partners=partners)
+    assert m["kinds"]["near_duplicate"]["duplicate"]["auroc"] == 1.0
+    assert m["axes"]["duplicate"]["precision"] == 1.0 and m["axes"]["duplicate"]["n_clean"] == 36
+    assert m["axes"]["complexity"]["n_clean"] == 38          # the copied rows are clean for every other axis
+    without = audit_metrics(labels, axis_scores(cols, dup), flags)
+    assert without["axes"]["duplicate"]["precision"] == 0.5  # the originals, counted as clean, are flagged too
 
 
 def test_complexity_score_orders_like_its_flag_rule():
