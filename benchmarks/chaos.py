@@ -53,7 +53,7 @@ Measured per scenario (and per seed in the JSON):
   named check; a failed check is listed in the table with a short reason (the log's last lines are in
   the JSON). A scenario that goes wrong is a row, never a crash of the benchmark.
 
-    .venv/bin/python benchmarks/chaos.py --quick               # ~30 min on 2 cores: see docs/robustness.md
+    .venv/bin/python benchmarks/chaos.py --quick               # 30-65 min on 2 cores: see docs/robustness.md
     .venv/bin/python benchmarks/chaos.py --seeds 3             # every stage, 3 seeds (~2.5 h)
     .venv/bin/python benchmarks/chaos.py --scenarios sigkill:refine bad-rows --keep
 

@@ -41,6 +41,9 @@ _FATAL_STATUS = {401: "the endpoint refused the API key (check the environment v
                       "and refine.model)"}
 
 
+_TRANSIENT_WORDS = {408: "request timeout", 409: "conflict", 429: "rate limited"}
+
+
 class _Transient(Exception):
     """One attempt failed for a reason that may pass: its status (None: the connection) and description."""
 
@@ -160,7 +163,8 @@ class OpenAIEngine:
                 status = exc.status_code
                 if status in _TRANSIENT_STATUS or status >= 500:
                     self.calls["transient"] += 1
-                    raise _Transient(status, f"HTTP {status}", _retry_after(exc.response)) from None
+                    what = _TRANSIENT_WORDS.get(status, "server error")    # the status itself follows in the message
+                    raise _Transient(status, what, _retry_after(exc.response)) from None
                 if status in _FATAL_STATUS:
                     raise self._unavailable(_FATAL_STATUS[status], status, 1) from None
                 self.calls["refused"] += 1
