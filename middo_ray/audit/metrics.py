@@ -203,6 +203,7 @@ def audit_metrics(labels: list[dict], scores: dict[str, np.ndarray], flags: dict
                  "base_rate": _num(pos.sum() / keep.sum()) if keep.any() else None, "axes": {}, "kinds": {},
                  "signals": {}}
     partner = np.zeros(n, dtype=bool) if partners is None else np.asarray(partners, dtype=bool)
+    out["duplicate_partners"] = int((partner & keep).sum())      # left out of the duplicate check's figures
 
     def rows_for(name: str, rows: np.ndarray) -> np.ndarray:
         return rows & ~partner if name in DUPLICATE_CHECK else rows

@@ -39,9 +39,12 @@ def test_run_audit_on_demo_subset(ray_local, tiny_model, tmp_path, capsys):
     m = rep["metrics"]
     assert m["rows"] + m["excluded"] == c["audit_rows"] and m["excluded"] == c["known_defects_excluded"]
     assert m["defects"] == 7
+    # the rows that planted near-duplicates copy are neither clean nor defect for the duplicate check only
+    assert 0 < m["duplicate_partners"] <= c["added"]
     for axis in ("complexity", "diversity", "quality", "duplicate", "any"):
         e = m["axes"][axis]
-        assert e["n_defects"] == 7 and e["n_clean"] == m["rows"] - 7
+        partners = m["duplicate_partners"] if axis == "duplicate" else 0
+        assert e["n_defects"] == 7 and e["n_clean"] == m["rows"] - 7 - partners
         assert 0 <= e["hits"] <= e["flagged"] <= m["rows"]
         for key in ("precision", "recall", "false_positive_rate", "auroc"):
             assert _unit_or_none(e.get(key)), (axis, key, e.get(key))
