@@ -92,6 +92,34 @@ class SelectConfig(_Section):
     quality_use_ifd: bool = Field(False, description="Quality axis also flags samples whose IFD > ifd_max "
                                                      "(response barely helped by its instruction).")
     ifd_max: float = Field(1.0, gt=0.0, description="IFD above this marks a response its instruction does not explain.")
+    # Other ways to choose the samples, for baselines and benchmarks (benchmarks/efficacy.py): the same stage,
+    # the same refine/merge/train after it, only the choice differs.
+    method: Literal["rules", "random", "rank", "ids"] = Field(
+        "rules", description="'rules': Middo's per-axis rules above (mode, m, axes); 'random': `count` samples drawn "
+                             "uniformly (seeded by run.seed and the round); 'rank': the `count` worst samples by "
+                             "one signal (rank_by); 'ids': the sample ids listed in ids_path. The last three flag "
+                             "their choice on the single axis flag_as (so every chosen sample gets that axis' "
+                             "refine operation) and ignore mode, m and axes.")
+    count: int | None = Field(None, ge=0, description="method random/rank: samples to choose; default: "
+                                                      "floor(budget_fraction x N).")
+    rank_by: Literal["complexity", "diversity", "quality", "ifd"] = Field(
+        "quality", description="method 'rank': the signal ranked, worst first: an axis' severity as mode 'budget' "
+                               "ranks it (complexity: the smaller z-score of the two losses; diversity: low kNN "
+                               "similarity; quality: low judge score), or 'ifd' (highest IFD).")
+    ids_path: str | None = Field(None, description="method 'ids': a file of sample ids, a JSON list or one per line "
+                                                   "(ids not in the round's dataset are counted and skipped).")
+    flag_as: Axis = Field("quality", description="method random/rank/ids: the axis whose flag the chosen samples "
+                                                 "get: quality -> improve (rewrite + re-answer, replaces), "
+                                                 "complexity -> simplify (replaces), diversity -> synthesize (adds).")
+
+    @model_validator(mode="after")
+    def _method_checks(self) -> "SelectConfig":
+        if self.method == "ids" and not self.ids_path:
+            raise ValueError("select.method='ids' needs select.ids_path (a JSON list or one sample id per line)")
+        if self.method != "ids" and self.ids_path:
+            raise ValueError(f"select.ids_path is only read with select.method='ids' (now '{self.method}'); remove "
+                             "it or set the method")
+        return self
 
 
 class RefineConfig(ServeSettings, _Section):
@@ -116,6 +144,23 @@ class RefineConfig(ServeSettings, _Section):
     accept_min_score: float = Field(5.0, ge=0.0, le=10.0, description="accept='min_score': lowest judged quality (0-10) kept.")
     accept_tolerance: float = Field(0.0, ge=0.0, le=10.0, description="accept='not_worse': how much lower than the "
                                                                         "original a rewrite may score.")
+    accept_meta_check: bool = Field(
+        True, description="Also reject a rewrite whose new prompt or answer talks about the rewriting or refuses "
+                          "(e.g. 'This is the final rewritten prompt ...', 'as an AI, I don't have the ability "
+                          "...'): fluent text that a small judge can score above a defective original "
+                          "(middo_ray.refine.gate; docs/audit.md, the loop's efficacy benchmark).")
+    accept_min_topic_overlap: float = Field(
+        0.0, ge=0.0, le=1.0, description="Also reject a rewrite of an operation in accept_topic_operations whose "
+                                         "new prompt keeps less than this share of the original prompt's content "
+                                         "words (a rewrite that left the original's topic); 0 = off.")
+    accept_min_answer_relevance: float = Field(
+        0.0, ge=0.0, le=1.0, description="Also reject a rewrite whose answer mentions less than this share of its "
+                                         "new prompt's content words (e.g. another sample's answer); 0 = off. "
+                                         "Crude: any value above 0 also rejects the 14% of Alpaca answers that "
+                                         "share no content word with their prompt.")
+    accept_topic_operations: list[Literal["simplify", "improve"]] = Field(
+        ["improve"], description="Operations checked by accept_min_topic_overlap: 'improve' must keep the task; "
+                                 "'simplify' may change the scenario (reference §2), so it is not checked by default.")
     judge_mode: Literal["auto", "prob", "generate"] = Field(
         "auto", description="Re-judge mode: 'prob' (expected score from token probabilities), 'generate' (parse a "
                             "generated number), 'auto' = prob when the engine gives probabilities, else generate.")

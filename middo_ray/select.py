@@ -15,6 +15,12 @@ With ``quality_use_ifd`` the quality axis also flags samples whose IFD exceeds `
 instruction does not make the response easier to predict); in budget mode that rule has its own
 budget, highest IFD first.
 
+Baselines (``select.method``, for benchmarks such as ``benchmarks/efficacy.py``): ``random`` draws ``count``
+samples (the smallest SHA-256 of ``"<seed>:<round>:<sample_id>"``), ``rank`` takes the ``count`` worst by one
+signal (``rank_by``), ``ids`` takes the ids listed in ``ids_path``; the choice is flagged on the one axis
+``flag_as``. One task picks the samples from the thresholded columns (as the moments task reads them), then
+the same per-shard unit writes the flags. The thresholds of the rules are still recorded.
+
 How it runs: the means and standard deviations are aggregated by one task over the thresholded columns
 of the signal and neighbour shards (a missing value is left out; 32 bytes per sample in that worker); in
 budget mode a unit per shard writes the finite severities and a Ray Data sort of (severity, position)
@@ -180,6 +186,70 @@ def select_flags(columns: dict[str, np.ndarray], cfg: SelectConfig) -> tuple[dic
     return {a: flags[a] for a in AXES}, thresholds, _counts([summary], cfg, len(table))
 
 
+def random_keys(seed: int, round_k: int, sample_ids: list[str]) -> list[str]:
+    """The key ``method='random'`` sorts by: the same samples are drawn for a seed whatever the shards."""
+    import hashlib
+
+    return [hashlib.sha256(f"{seed}:{round_k}:{sid}".encode()).hexdigest() for sid in sample_ids]
+
+
+def read_ids(path: str) -> list[str]:
+    """Sample ids from ``select.ids_path``: a JSON list, or one id per line (blank lines skipped)."""
+    import json
+
+    text = storage.read_text(path)
+    stripped = text.strip()
+    if stripped.startswith("["):
+        ids = json.loads(stripped)
+        if not all(isinstance(x, str) for x in ids):
+            raise ValueError(f"select.ids_path {path}: the JSON list must hold sample id strings")
+        return ids
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def choose(columns: dict[str, np.ndarray], sample_ids: list[str], cfg: SelectConfig, seed: int = 0,
+           round_k: int = 0, ids: list[str] | None = None) -> tuple[np.ndarray, dict]:
+    """The samples a baseline method (random, rank, ids) chooses: a mask in dataset order and what it did.
+
+    Args:
+        columns: The thresholded columns (loss_pre, loss_cur, quality, knn_sim, ifd) in dataset order.
+        sample_ids: The ids in the same order.
+        cfg: The select section (method, count, rank_by, budget_fraction).
+        seed / round_k: Seed of ``random``.
+        ids: The ids of ``method='ids'`` (read from ``cfg.ids_path`` by the caller).
+
+    Returns:
+        ``(mask, info)``; info has ``method``, ``chosen``, and ``count`` (random/rank), ``rank_by`` (rank),
+        ``ids_listed`` / ``ids_missing`` (ids).
+    """
+    n = len(sample_ids)
+    info: dict = {"method": cfg.method}
+    if cfg.method == "ids":
+        wanted = set(ids or [])
+        mask = np.asarray([sid in wanted for sid in sample_ids], dtype=bool)
+        info.update(ids_listed=len(wanted), ids_missing=len(wanted - set(sample_ids)))
+    else:
+        count = cfg.count if cfg.count is not None else math.floor(cfg.budget_fraction * n)
+        count = min(count, n)
+        info["count"] = count
+        if cfg.method == "random":
+            order = np.argsort(np.asarray(random_keys(seed, round_k, sample_ids)), kind="stable")
+            mask = np.zeros(n, dtype=bool)
+            mask[order[:count]] = True
+        elif cfg.method == "rank":
+            info["rank_by"] = cfg.rank_by
+            if cfg.rank_by == "ifd":
+                score = np.asarray(columns["ifd"], dtype=np.float64)
+            else:
+                table = _table(columns)
+                score = severity(table, local_moments(columns))[cfg.rank_by]
+            mask = worst_first(score, count)
+        else:
+            raise ValueError(f"select.method '{cfg.method}' chooses no samples by itself; use select_flags")
+    info["chosen"] = int(mask.sum())
+    return mask, info
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers.
 
@@ -261,6 +331,44 @@ class FlagShard:
         return flags, counts
 
 
+class ChosenFlagShard(FlagShard):
+    """Writes one shard's flags for a baseline method: the chosen samples on ``flag_as``, nothing else."""
+
+    def __init__(self, moments: dict, cfg: dict, thresholds: dict, chosen: str):
+        super().__init__(moments, cfg, thresholds, None)
+        self.chosen = chosen
+
+    def process(self, unit: dict) -> dict:
+        table = _shard_table(unit)
+        picked = set(storage.read_table(self.chosen).column("sample_id").to_pylist())
+        mask = np.asarray([sid in picked for sid in table.column("sample_id").to_pylist()], dtype=bool)
+        raw = sigma_flags(table, self.thresholds)
+        flags = {a: (mask if a == self.cfg.flag_as else np.zeros(len(table), bool)) for a in AXES}
+        counts: dict = {"unit": unit["id"], "rows": len(table), "quality_judge": 0, "quality_ifd": 0,
+                        "any": int(mask.sum())}
+        for axis in AXES:
+            counts[f"{axis}_sigma"] = int(raw[axis].sum())
+            counts[f"{axis}_would"] = counts[f"{axis}_flagged"] = int(flags[axis].sum())
+        out = pa.table({"sample_id": table.column("sample_id"), **{a: pa.array(flags[a], pa.bool_()) for a in AXES},
+                        "quality_ifd": pa.array(np.zeros(len(table), bool), pa.bool_())})
+        storage.write_table(unit["commit"], out, counts)
+        return counts
+
+
+def _choose_task(signal_paths: list[str], neighbor_paths: list[str], cfg: dict, seed: int, round_k: int,
+                 out: str) -> dict:
+    """The baseline methods' task: reads the ids and thresholded columns in dataset order (about 50 bytes a
+    sample), chooses, and writes the chosen ids to ``out``; returns what :func:`choose` reports."""
+    sel = SelectConfig(**cfg)
+    ids = [sid for p in signal_paths for sid in storage.read_table(p, ["sample_id"]).column("sample_id").to_pylist()]
+    cols = {c: _column(signal_paths, c) for c in ("loss_pre", "loss_cur", "quality", "ifd")}
+    cols["knn_sim"] = _column(neighbor_paths, "knn_sim")
+    listed = read_ids(sel.ids_path) if sel.method == "ids" else None
+    mask, info = choose(cols, ids, sel, seed, round_k, listed)
+    storage.write_table(out, pa.table({"sample_id": pa.array([s for s, m in zip(ids, mask) if m], pa.string())}))
+    return info
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage.
 
@@ -325,6 +433,8 @@ def run(ctx: StageContext, cfg: SelectConfig, inputs: dict) -> StageResult:
     thresholds = thresholds_of(moments, cfg)
     mom = {k: list(v) for k, v in moments.items()}
     n = diag.dataset.total
+    if cfg.method != "rules":
+        return _run_baseline(ctx, cfg, diag, thresholds, mom, n)
     cutoffs = None
     if cfg.mode == "budget":
         budget = math.floor(cfg.budget_fraction * n)
@@ -347,6 +457,28 @@ def run(ctx: StageContext, cfg: SelectConfig, inputs: dict) -> StageResult:
             "shards": {"flags": flags.to_json()}}
     log.debug("select: flagged %s", {a: counts[a]["flagged"] for a in AXES})
     return StageResult(info, flags)
+
+
+def _run_baseline(ctx: StageContext, cfg: SelectConfig, diag, thresholds: dict, mom: dict, n: int) -> StageResult:
+    """The stage for select.method random/rank/ids: one task chooses, a unit per shard writes the flags."""
+    chosen = ctx.path("_chosen.parquet")
+    info = run_task(_choose_task, diag.signals.paths(), diag.neighbors.paths(), cfg.model_dump(), ctx.seed, ctx.round,
+                    chosen, what=f"select: choose ({cfg.method})")
+    if cfg.method == "ids" and info["ids_missing"]:
+        log.warning("select: %d of the %d ids in %s are not in the round's dataset", info["ids_missing"],
+                    info["ids_listed"], cfg.ids_path)
+    summaries = map_shards(_units(ctx, diag, "flags"), ChosenFlagShard,
+                           {"moments": mom, "cfg": cfg.model_dump(), "thresholds": thresholds, "chosen": chosen},
+                           what="select: flags")
+    counts = _counts(summaries, cfg, n)
+    for axis in AXES:
+        counts[axis]["active"] = axis == cfg.flag_as
+    counts["method"] = info
+    flags = ShardSet(ctx.path("flags"), diag.dataset.names, diag.dataset.rows).save()
+    rec = {"thresholds": thresholds, "counts": counts, "moments": mom, "nodes": nodes_of(summaries),
+           "shards": {"flags": flags.to_json()}}
+    log.debug("select: %s chose %d samples, flagged as %s", cfg.method, info["chosen"], cfg.flag_as)
+    return StageResult(rec, flags)
 
 
 def _counts(summaries: list[dict], cfg: SelectConfig, n: int) -> dict:

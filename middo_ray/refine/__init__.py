@@ -49,8 +49,9 @@ from middo_ray import storage
 from middo_ray.config import RefineConfig
 from middo_ray.llmcalls import Breaker, LLMCallCache, TeacherStopped
 from middo_ray.refine.jobs import CHUNK_STRIDE, JOB_KEYS, build_jobs, plan_requests, request_seed
-from middo_ray.refine.teacher import (JUDGE_CUTOFF_LEN, RefineOutcome, _finite, _new_stats, accept_rewrite,
-                                      outcome_counts, refine_jobs, rejudge, rewrite_jobs)
+from middo_ray.refine.teacher import (GATE_COUNTS, JUDGE_CUTOFF_LEN, RefineOutcome, _finite, _new_stats,
+                                      accept_rewrite, apply_text_gate, gate_check, outcome_counts, refine_jobs,
+                                      rejudge, rewrite_jobs)
 from middo_ray.rundir import StageContext, StageResult, read_record
 from middo_ray.schema import JOB_AXES, prompt_text
 from middo_ray.shardmap import committed_summary, map_shards, nodes_of, run_task
@@ -216,6 +217,8 @@ class JudgeShards(_Client):
         if self.app is not None:
             rejudge(jobs, results, self.handle, self.cfg, self.seed, self.cache, stats, self.template,
                     self.cutoff_len, unit["chunk_base"], self.max_in_flight, self.breaker)
+        else:                                          # no judge (refine.accept='none'): the text checks only
+            apply_text_gate(jobs, results, self.cfg, stats)
         summary = {"unit": unit["id"], "rows": unit["rows"], **outcome_counts(jobs, results, self.cfg, stats)}
         storage.write_table(unit["commit"], _result_table(jobs, results), summary)
         return summary
@@ -295,7 +298,7 @@ def _info(finals: list[dict], rewrites: list[dict], cfg: RefineConfig, seconds: 
     counts = {"jobs": 0, "ok": 0, "failed": 0, "by_operation": {}, "accept": cfg.accept, **_new_stats()}
     for s in finals + rewrites:
         for k in ("cache_hits", "cache_misses", "timeouts", "teacher_errors", "judged", "rejected", "judge_requests",
-                  "requests"):
+                  "requests", *GATE_COUNTS):
             counts[k] += int(s.get(k, 0))
         for k in ("judge_model", "judge_revision"):
             if s.get(k) is not None:
@@ -317,6 +320,6 @@ def load(stage_dir: str) -> StageResult:
     return StageResult(info, ShardSet.from_json(info["shards"]["results"]))
 
 
-__all__ = ["CHUNK_STRIDE", "JOB_KEYS", "JUDGE_CUTOFF_LEN", "JudgeShards", "RESULT_SCHEMA", "RefineOutcome",
-           "RewriteShards", "accept_rewrite", "build_jobs", "load", "plan_requests", "read_results", "refine_jobs",
-           "rejudge", "request_seed", "rewrite_jobs", "run"]
+__all__ = ["CHUNK_STRIDE", "GATE_COUNTS", "JOB_KEYS", "JUDGE_CUTOFF_LEN", "JudgeShards", "RESULT_SCHEMA",
+           "RefineOutcome", "RewriteShards", "accept_rewrite", "apply_text_gate", "build_jobs", "gate_check", "load",
+           "plan_requests", "read_results", "refine_jobs", "rejudge", "request_seed", "rewrite_jobs", "run"]

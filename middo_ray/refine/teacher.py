@@ -1,6 +1,7 @@
 """Rewriting and re-judging a list of jobs through the apps' deployment handles: what one shard's workers do,
 also usable on its own (:func:`refine_jobs`). Cached, bounded in flight, timed out; a rewrite the judge scores
-below its original (``refine.accept``) fails and the original is kept."""
+below its original (``refine.accept``), or that fails the gate's text checks (:mod:`middo_ray.refine.gate`:
+meta-text, topic), fails and the original is kept."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 from middo_ray.config import RefineConfig
 from middo_ray.llmcalls import Breaker, Call, LLMCallCache, app_info, checked_results, run_calls
+from middo_ray.refine.gate import gate_reasons
 from middo_ray.refine.jobs import _check_jobs, plan_requests
 from middo_ray.wire import RefineResult
 
@@ -37,7 +39,11 @@ class RefineOutcome:
 
 def _new_stats() -> dict[str, Any]:
     return {"cache_hits": 0, "cache_misses": 0, "timeouts": 0, "teacher_errors": 0, "judged": 0, "rejected": 0,
-            "judge_requests": 0, "requests": 0}
+            "judge_requests": 0, "requests": 0, **{k: 0 for k in GATE_COUNTS}}
+
+
+# Rejections by cause (a rewrite may fail several; ``rejected`` counts each rewrite once).
+GATE_COUNTS = ("rejected_judge", "rejected_meta", "rejected_topic", "rejected_answer")
 
 
 def rewrite_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
@@ -98,6 +104,36 @@ def accept_rewrite(cfg: RefineConfig, before: float | None, after: float | None)
     return None
 
 
+def gate_check(cfg: RefineConfig, job: dict, result: dict) -> list[str]:
+    """Why the gate's text checks (refine.accept_meta_check, accept_min_topic_overlap) reject an ok rewrite."""
+    return gate_reasons(job, result, cfg.accept_meta_check, cfg.accept_min_topic_overlap,
+                        cfg.accept_topic_operations, cfg.accept_min_answer_relevance)
+
+
+def _decide(cfg: RefineConfig, job: dict, results: list[dict], i: int, judge_why: str | None, stats: dict) -> None:
+    """Applies the gate to the ok result ``results[i]``: the judge's verdict (None = kept or not judged) and the
+    text checks; a rejected rewrite becomes a failure naming every cause."""
+    text_why = gate_check(cfg, job, results[i])
+    if judge_why is None and not text_why:
+        return
+    stats["rejected"] += 1
+    if judge_why is not None:
+        stats["rejected_judge"] += 1
+    stats["rejected_meta"] += any("accept_meta_check" in w for w in text_why)
+    stats["rejected_topic"] += any("accept_min_topic_overlap" in w for w in text_why)
+    stats["rejected_answer"] += any("accept_min_answer_relevance" in w for w in text_why)
+    causes = "; ".join(([judge_why] if judge_why else []) + text_why)
+    head = "rejected by re-judge" if judge_why is not None else "rejected by the accept gate"
+    results[i] = _failed(results[i], f"{head}: {causes}; original kept")
+
+
+def apply_text_gate(jobs: list[dict], results: list[dict], cfg: RefineConfig, stats: dict) -> None:
+    """The gate's text checks alone (no judge: refine.accept='none'), in place."""
+    for i, res in enumerate(results):
+        if res["status"] == "ok":
+            _decide(cfg, jobs[i], results, i, None, stats)
+
+
 def _finite(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -127,7 +163,10 @@ def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, se
             max_in_flight: int | None = None, breaker: Breaker | None = None) -> None:
     """Judges every ok rewrite with its original and turns rejected ones into failures (in place)."""
     positions = [i for i, r in enumerate(results) if r["status"] == "ok"]
-    if cfg.accept == "none" or not positions:
+    if cfg.accept == "none":
+        apply_text_gate(jobs, results, cfg, stats)
+        return
+    if not positions:
         return
     ident = app_info(handle, "judge")
     stats["judge_model"], stats["judge_revision"] = ident.get("model"), ident.get("revision")
@@ -145,10 +184,9 @@ def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, se
         for k, i in enumerate(part):
             before, after = _finite(got[2 * k].get("quality")), _finite(got[2 * k + 1].get("quality"))
             stats["judged"] += 1
-            why = accept_rewrite(cfg, before, after)
-            if why is not None:
-                stats["rejected"] += 1
-                results[i] = _failed(results[i], f"rejected by re-judge: {why}; original kept")
+            # Every ok rewrite is judged, also one the text checks reject: the record then shows what the
+            # judge alone would have done (benchmarks/efficacy.py measures each part of the gate from it).
+            _decide(cfg, jobs[i], results, i, accept_rewrite(cfg, before, after), stats)
             results[i]["quality_before"], results[i]["quality_after"] = before, after
 
 
@@ -202,6 +240,8 @@ def refine_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache_di
     if cfg.accept != "none" and any(r["status"] == "ok" for r in results):
         rejudge(jobs, results, judge() if judge is not None else handle, cfg, seed, cache, stats, judge_template,
                 judge_cutoff_len, chunk_base, breaker=breaker)
+    else:
+        apply_text_gate(jobs, results, cfg, stats)
     counts = {**outcome_counts(jobs, results, cfg, stats), "seconds": round(time.monotonic() - t0, 3)}
     log.info("refine: %s", counts)
     return RefineOutcome(results=results, counts=counts)

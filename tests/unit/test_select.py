@@ -92,3 +92,70 @@ def test_worst_first_ties_and_empty():
     assert worst_first(np.array([np.nan, np.nan]), 1).sum() == 0
     np.testing.assert_array_equal(worst_first(np.array([1.0, 3.0, 3.0, 2.0]), 2), [False, True, True, False])
     np.testing.assert_array_equal(worst_first(np.array([1.0, 1.0, 1.0]), 1), [True, False, False])
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline methods (select.method): random, rank, ids.
+
+def _ids(n):
+    return [f"id{i:04d}" for i in range(n)]
+
+
+def test_random_method_draws_count_samples_fixed_by_seed_and_round():
+    """method=random chooses exactly `count` samples; the same seed and round give the same ones, another
+    seed others, and the choice does not depend on the dataset's order (it is keyed by sample id)."""
+    from middo_ray.select import choose
+
+    cols, ids = _cols(200), _ids(200)
+    cfg = SelectConfig(method="random", count=20)
+    a, info = choose(cols, ids, cfg, seed=1, round_k=1)
+    b, _ = choose(cols, ids, cfg, seed=1, round_k=1)
+    c, _ = choose(cols, ids, cfg, seed=2, round_k=1)
+    assert a.sum() == 20 and info == {"method": "random", "count": 20, "chosen": 20}
+    assert (a == b).all() and not (a == c).all()
+    rev, _ = choose({k: v[::-1] for k, v in cols.items()}, ids[::-1], cfg, seed=1, round_k=1)
+    assert {i for i, m in zip(ids, a) if m} == {i for i, m in zip(ids[::-1], rev) if m}
+
+
+def test_rank_method_takes_the_worst_by_one_signal():
+    """method=rank flags the `count` worst samples of the ranked signal: highest IFD, lowest judge score,
+    lowest kNN similarity, and for complexity the budget mode's ranking (both losses high)."""
+    from middo_ray.select import choose
+
+    cols, ids = _cols(100), _ids(100)
+    top_ifd, _ = choose(cols, ids, SelectConfig(method="rank", rank_by="ifd", count=5), 0, 1)
+    assert set(np.flatnonzero(top_ifd)) == set(np.argsort(-cols["ifd"])[:5])
+    low_q, info = choose(cols, ids, SelectConfig(method="rank", rank_by="quality", count=7), 0, 1)
+    assert set(np.flatnonzero(low_q)) == set(np.argsort(cols["quality"])[:7]) and info["rank_by"] == "quality"
+    sparse, _ = choose(cols, ids, SelectConfig(method="rank", rank_by="diversity", count=3), 0, 1)
+    assert set(np.flatnonzero(sparse)) == set(np.argsort(cols["knn_sim"])[:3])
+    budget, _, _ = select_flags(cols, SelectConfig(mode="budget", budget_fraction=0.04))
+    hard, _ = choose(cols, ids, SelectConfig(method="rank", rank_by="complexity", count=4), 0, 1)
+    assert (hard == budget["complexity"]).all()
+
+
+def test_ids_method_flags_the_listed_ids_and_counts_the_missing(tmp_path):
+    """method=ids flags exactly the listed ids present in the data (a JSON list or one per line), and counts
+    the ids that are not there; count defaults to budget_fraction x N for random."""
+    from middo_ray.select import choose, read_ids
+
+    ids = _ids(10)
+    (tmp_path / "a.json").write_text('["id0003", "id0007", "nope"]')
+    (tmp_path / "b.txt").write_text("id0003\n\nid0007\n")
+    assert read_ids(str(tmp_path / "a.json"))[:2] == read_ids(str(tmp_path / "b.txt"))
+    cfg = SelectConfig(method="ids", ids_path=str(tmp_path / "a.json"))
+    mask, info = choose(_cols(10), ids, cfg, ids=read_ids(cfg.ids_path))
+    assert list(np.flatnonzero(mask)) == [3, 7] and info["ids_missing"] == 1 and info["ids_listed"] == 3
+    default, info = choose(_cols(10), ids, SelectConfig(method="random", budget_fraction=0.3))
+    assert default.sum() == 3 and info["count"] == 3
+
+
+def test_method_config_errors_name_the_fix():
+    """ids without ids_path, or ids_path with another method, are config errors naming the keys."""
+    from middo_ray.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="select.ids_path"):
+        build_config({"select": {"method": "ids"}})
+    with pytest.raises(ConfigError, match="only read with select.method='ids'"):
+        build_config({"select": {"method": "random", "ids_path": "x.json"}})
+    assert build_config({}).select.method == "rules"
