@@ -70,8 +70,8 @@ def encode_row(row: dict, tokenizer, template: str = "default", cutoff_len: int 
         prompt_ids = _ids(tokenizer, text)
     if template == "default" and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    text = row.get("output", "") if response is None else response
-    resp_ids = _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    answer = row.get("output", "") if response is None else response
+    resp_ids = _ids(tokenizer, answer) + [tokenizer.eos_token_id]
     enc = _apply_cutoff(prompt_ids, resp_ids, cutoff_len)
     if pool is not None:
         drop = len(prompt_ids) - enc.prompt_len          # prompt tokens cut from the start by the cutoff rule
