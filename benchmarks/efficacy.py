@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--no-embed", action="store_true", help="skip the prompt-embedding similarity of the gate study")
+    ap.add_argument("--no-ifd", action="store_true", help="skip the gate study's IFD of the rewrites under M_0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every arm, e.g. refine.accept_min_topic_overlap=0.3")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_seed(args.data, work / f"seed{seed}", seed, args.rows, args.heldout, args.fraction,
                                     args.wrong_share, arms, args.model, _free_port(), mc, args.mc_limit, train,
                                     extra, tuple(args.kinds.split(",")), embed=not args.no_embed,
-                                    progress=work / f"seed{seed}.partial.json"))
+                                    progress=work / f"seed{seed}.partial.json", ifd=not args.no_ifd))
             print(f"seed {seed} done after {time.time() - t0:.0f}s", flush=True)
     summary = summarize(results)
     text = format_table(summary)

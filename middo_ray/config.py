@@ -158,6 +158,13 @@ class RefineConfig(ServeSettings, _Section):
                                          "new prompt's content words (e.g. another sample's answer); 0 = off. "
                                          "Crude: any value above 0 also rejects the 14% of Alpaca answers that "
                                          "share no content word with their prompt.")
+    accept_max_ifd: float | None = Field(
+        None, gt=0.0, description="Also reject a rewrite whose IFD under the judge (its answer's loss after its "
+                                  "prompt over the answer's loss alone, as the diagnosis computes it) exceeds this: "
+                                  "above 1 the prompt makes the answer no easier to predict, e.g. another sample's "
+                                  "answer under a kept prompt, which the judge's scores and the text checks let "
+                                  "through. null = off; 1.0 is the IFD paper's cut. Needs a judge engine with "
+                                  "logits (transformers or vllm, not openai). Measured in docs/audit.md.")
     accept_topic_operations: list[Literal["simplify", "improve"]] = Field(
         ["improve"], description="Operations checked by accept_min_topic_overlap: 'improve' must keep the task; "
                                  "'simplify' may change the scenario (reference §2), so it is not checked by default.")
@@ -226,6 +233,15 @@ class RefineConfig(ServeSettings, _Section):
         if self.engine == "openai" and self.judge == "teacher" and self.judge_mode == "prob":
             problems.append("engine 'openai' gives no token probabilities to the judge; set refine.judge_mode "
                             "to 'generate' or 'auto', or refine.judge='current'")
+        if self.accept_max_ifd is not None:
+            judge_engine = self.judge_engine if self.judge == "current" else self.engine
+            if self.accept == "none":
+                problems.append("refine.accept_max_ifd is checked by the re-judge, which refine.accept='none' turns "
+                                "off; set refine.accept to 'not_worse' or 'min_score', or accept_max_ifd to null")
+            elif judge_engine == "openai":
+                problems.append("refine.accept_max_ifd needs the judge's token losses, which engine 'openai' does "
+                                "not give; set refine.judge='current' (the model being trained judges), or "
+                                "accept_max_ifd to null")
         if self.vllm_engine_kwargs and "vllm" not in (self.engine, self.judge_engine):
             problems.append("refine.vllm_engine_kwargs is only used with refine.engine='vllm' or "
                             "refine.judge_engine='vllm'; remove it or set the engine")

@@ -50,7 +50,7 @@ from middo_ray.encode import empty_prompt_variant, encode_row
 from middo_ray.judge import JUDGE_COLUMNS, judge_generate, judge_scores
 from middo_ray.rundir import StageContext, StageResult, read_record
 from middo_ray.schema import JUDGE_DIMENSIONS, TEXT_COLUMNS
-from middo_ray.scoring import forward_scores
+from middo_ray.scoring import forward_scores, ifd_ratio
 from middo_ray.shardmap import map_shards, node_pool, nodes_of
 from middo_ray.signals.quality import aggregate_quality
 from middo_ray.storage import ShardSet
@@ -165,8 +165,7 @@ class DiagnoseShards:
                "_input_tokens": np.asarray([len(e.input_ids) for e in enc], dtype=np.int64)}
         if self.ifd:
             out["loss_empty"] = s.loss[n:]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out["ifd"] = np.where(s.loss[n:] > 0, s.loss[:n] / s.loss[n:], np.nan)
+            out["ifd"] = ifd_ratio(s.loss[:n], s.loss[n:])
         else:
             out["loss_empty"] = out["ifd"] = np.full(n, np.nan)
         need = np.asarray([r["sample_id"] not in cached for r in rows], dtype=bool)

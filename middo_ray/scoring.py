@@ -122,3 +122,25 @@ def forward_scores(model, encoded: list[Encoded], pad_id: int, batch_tokens: int
                 pooled = torch.where(count > 0, summed / count.clamp(min=1), torch.full_like(summed, float("nan")))
                 emb[batch] = pooled.cpu().numpy()
     return ForwardScores(loss, ntok, emb)
+
+
+def ifd_ratio(loss: np.ndarray, loss_empty: np.ndarray) -> np.ndarray:
+    """IFD = loss(response | prompt) / loss(response | empty prompt); NaN where the denominator is not positive."""
+    loss, loss_empty = np.asarray(loss, dtype=np.float64), np.asarray(loss_empty, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(loss_empty > 0, loss / loss_empty, np.nan)
+
+
+def ifd_scores(model, tokenizer, rows: list[dict], template: str = "default", cutoff_len: int = 512,
+               batch_tokens: int = 4096) -> np.ndarray:
+    """(N,) IFD of each row under ``model``, encoded as the diagnosis encodes it (NaN: undefined).
+
+    Rows are dicts with ``instruction``, ``input``, ``output`` (``system``, ``history`` optional). One forward
+    pass scores both encodings of every row (with its prompt and with the empty one)."""
+    from middo_ray.encode import empty_prompt_variant, encode_row
+
+    n = len(rows)
+    enc = [encode_row(r, tokenizer, template, cutoff_len) for r in rows]
+    extra = [empty_prompt_variant(e, r, tokenizer, template) for e, r in zip(enc, rows)]
+    s = forward_scores(model, enc + extra, tokenizer.pad_token_id, batch_tokens)
+    return ifd_ratio(s.loss[:n], s.loss[n:])

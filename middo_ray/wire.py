@@ -133,6 +133,8 @@ class RefineResult(_Wire):
         None, description="Set by the loop's re-judge: judged quality (0-10) of the original sample.")
     quality_after: float | None = Field(
         None, description="Set by the loop's re-judge: judged quality (0-10) of the rewrite.")
+    ifd_after: float | None = Field(
+        None, description="Set by the loop's re-judge under refine.accept_max_ifd: IFD of the rewrite under the judge.")
 
 
 class RefineResponse(_Wire):
@@ -168,6 +170,10 @@ class JudgeRequest(_Wire):
     cutoff_len: Int = Field(1024, ge=16, le=MAX_WIRE_TOKENS, description="Token cap of one judge prompt ('prob').")
     sampling: SamplingParams = Field(default_factory=_judge_sampling,
                                      description="Sampling of 'generate' mode (paper: temperature 0.1).")
+    ifd: bool = Field(
+        False, description="Also give each sample's IFD: the response's mean token loss after its prompt over its "
+                           "loss alone, under the judge model (as the diagnosis computes it, same template and "
+                           "cutoff_len). Needs an engine with logits (transformers, vllm).")
 
 
 class DimensionScores(_Wire):
@@ -183,6 +189,9 @@ class JudgeResult(_Wire):
     quality: float | None = Field(None, description="Mean over dimensions of (prompt + response) / 2, missing "
                                                     "judgements left out; null when none was given.")
     missing: int = Field(0, description="Judgements (of 6) that gave no score.")
+    ifd: float | None = Field(None, description="IFD of the sample (request 'ifd': true); above 1 the prompt makes "
+                                                "its response no easier to predict. null when not asked or "
+                                                "undefined.")
 
 
 class JudgeResponse(_Wire):

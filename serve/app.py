@@ -358,15 +358,28 @@ class Refiner:
 
         body = _validated(JudgeRequest, request)
         check_limits("judge", body, self._limits, samples=False)
-        if body.mode == "prob":
-            if not self._engine.supports_prob_judge:
-                raise ClientError(422, f"engine '{self._engine.name}' gives no token probabilities, so it supports only "
-                                       f"mode 'generate'; send \"mode\": \"generate\"")
-            if body.template == "chat" and not getattr(self._engine, "uses_chat_template", False):
-                raise ClientError(422, "template 'chat' needs a tokenizer with a chat template, and this model has "
-                                       "none; use 'default' or 'auto'")
+        if body.mode == "prob" and not self._engine.supports_prob_judge:
+            raise ClientError(422, f"engine '{self._engine.name}' gives no token probabilities, so it supports only "
+                                   f"mode 'generate'; send \"mode\": \"generate\"")
+        if body.ifd and logic.ifd_unsupported(self._engine):
+            raise ClientError(422, logic.ifd_unsupported(self._engine))
+        if (body.mode == "prob" or body.ifd) and body.template == "chat" and \
+                not getattr(self._engine, "uses_chat_template", False):
+            raise ClientError(422, "template 'chat' needs a tokenizer with a chat template, and this model has "
+                                   "none; use 'default' or 'auto'")
 
         async def work(w: _Work) -> dict:
+            ifd = None
+            if body.ifd:
+                rows = [s.model_dump() for s in body.samples]
+                scheduled = getattr(self._engine, "aifd", None)
+                if scheduled is not None:       # vLLM schedules its scoring requests itself
+                    ifd = await scheduled(rows, body.template, body.cutoff_len)
+                else:
+                    async with self._compute:
+                        ifd = await asyncio.to_thread(self._engine.ifd,  # type: ignore[attr-defined]
+                                                      rows, body.template, body.cutoff_len)
+                ifd = np.asarray(ifd, dtype=np.float64)
             if body.mode == "prob":
                 rows = [s.model_dump() for s in body.samples]
                 scheduled = getattr(self._engine, "ajudge_prob", None)
@@ -382,7 +395,7 @@ class Refiner:
                     scores = np.asarray(scores, dtype=np.float64)
             else:
                 scores = await logic.judge_generate(self._gen(w), body)
-            resp = logic.judge_response(body, scores, self._engine.model_id)
+            resp = logic.judge_response(body, scores, self._engine.model_id, ifd)
             missing = sum(r.missing for r in resp.results)
             self._metrics.count_items("judge", "scored", 6 * len(resp.results) - missing)
             self._metrics.count_items("judge", "missing", missing)
@@ -560,6 +573,8 @@ def _schema_for(info: dict) -> dict:
             props["mode"]["default"] = "generate"
         if not info.get("chat_template"):
             props["template"]["enum"] = [t for t in props["template"]["enum"] if t != "chat"]
+        if not info.get("ifd") and "ifd" in props:
+            props["ifd"]["enum"] = [False]
     chat = next((m for n, m in schema["components"]["schemas"].items()
                  if n.split("-")[0] == "ChatCompletionRequest"), None)
     if chat is not None:

@@ -233,16 +233,18 @@ def _none_if_nan(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
-def judge_results(request: JudgeRequest, scores: np.ndarray) -> list[JudgeResult]:
-    """Wire results from an (N, 6) score matrix (prompt dims, then response dims; NaN = missing)."""
+def judge_results(request: JudgeRequest, scores: np.ndarray, ifd: np.ndarray | None = None) -> list[JudgeResult]:
+    """Wire results from an (N, 6) score matrix (prompt dims, then response dims; NaN = missing) and, for a
+    request with ``ifd``, the (N,) IFD of each sample."""
     _, overall = aggregate_quality(scores[:, :3], scores[:, 3:])
     out = []
-    for s, row, q in zip(request.samples, scores, overall):
+    for i, (s, row, q) in enumerate(zip(request.samples, scores, overall)):
         out.append(JudgeResult(
             sample_id=s.sample_id,
             prompt=DimensionScores(**{d: _none_if_nan(row[j]) for j, d in enumerate(JUDGE_DIMENSIONS)}),
             response=DimensionScores(**{d: _none_if_nan(row[3 + j]) for j, d in enumerate(JUDGE_DIMENSIONS)}),
-            quality=_none_if_nan(q), missing=int(np.isnan(row).sum())))
+            quality=_none_if_nan(q), missing=int(np.isnan(row).sum()),
+            ifd=None if ifd is None else _none_if_nan(ifd[i])))
     return out
 
 
@@ -263,12 +265,29 @@ async def judge_generate(gen: Generate, request: JudgeRequest) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64).reshape(len(request.samples), 6)
 
 
-def judge_response(request: JudgeRequest, scores: np.ndarray, model_id: str) -> JudgeResponse:
-    return JudgeResponse(mode=request.mode, model=model_id, results=judge_results(request, scores))
+def judge_response(request: JudgeRequest, scores: np.ndarray, model_id: str,
+                   ifd: np.ndarray | None = None) -> JudgeResponse:
+    return JudgeResponse(mode=request.mode, model=model_id, results=judge_results(request, scores, ifd))
+
+
+def ifd_unsupported(engine: Engine) -> str | None:
+    """Why ``engine`` cannot answer a judge request with ``ifd`` (None: it can)."""
+    if getattr(engine, "supports_ifd", False):
+        return None
+    return (f"engine '{engine.name}' gives no token losses, so it cannot compute IFD; send \"ifd\": false or "
+            f"judge with the transformers or vllm engine")
 
 
 def run_judge(engine: Engine, request: JudgeRequest) -> JudgeResponse:
     """Synchronous judge straight on an engine (tests, benchmarks, scripts)."""
+    ifd = None
+    if request.ifd:
+        why = ifd_unsupported(engine)
+        if why:
+            raise ValueError(why)
+        rows = [s.model_dump() for s in request.samples]
+        ifd = np.asarray(engine.ifd(rows, request.template, request.cutoff_len),  # type: ignore[attr-defined]
+                         dtype=np.float64)
     if request.mode == "prob":
         if not engine.supports_prob_judge:
             raise ValueError(f"engine '{engine.name}' gives no token probabilities; use mode 'generate'")
@@ -276,7 +295,7 @@ def run_judge(engine: Engine, request: JudgeRequest) -> JudgeResponse:
         scores = engine.judge_prob(rows, request.template, request.cutoff_len)  # type: ignore[attr-defined]
     else:
         scores = asyncio.run(judge_generate(direct(engine), request))
-    return judge_response(request, np.asarray(scores, dtype=np.float64), engine.model_id)
+    return judge_response(request, np.asarray(scores, dtype=np.float64), engine.model_id, ifd)
 
 
 # ---------------------------------------------------------------------------------------------

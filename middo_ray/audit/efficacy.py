@@ -348,8 +348,10 @@ def refine_records(root: Path) -> list[dict]:
                     "original_prompt": own_query({"instruction": rw["before_instruction"],
                                                   "input": rw["before_input"]}),
                     "teacher_status": rw["status"], "new_prompt": own_query(rw) if rw["status"] == "ok" else "",
+                    "new_instruction": rw["instruction"], "new_input": rw["input"],
                     "new_output": rw["output"], "status": res["status"], "reason": res["reason"],
-                    "quality_before": res["quality_before"], "quality_after": res["quality_after"]})
+                    "quality_before": res["quality_before"], "quality_after": res["quality_after"],
+                    "ifd_after": res.get("ifd_after")})
     return out
 
 
@@ -421,13 +423,16 @@ def account(data: EfficacyData, d1: list[dict], records: list[dict], decisions: 
 # The gate.
 
 def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic_thresholds=(0.2, 0.3, 0.5),
-               embed: dict[tuple[str, str], float] | None = None) -> dict:
+               embed: dict[tuple[str, str], float] | None = None,
+               ifd: dict[tuple[str, str], float | None] | None = None) -> dict:
     """What each part of the gate lets through, on every judged rewrite whose truth the teacher knows.
 
     A rewrite is *correct* when the teacher restored the original, *wrong* when it gave a wrong kind. Each
     variant is a rule recomputed from the record (the judge's two scores under ``refine.accept`` and the text
     checks of :mod:`middo_ray.refine.gate`); ``configured`` is what the run's gate decided. Pairs judged in
-    several arms count once (the same M_0 judges them the same way).
+    several arms count once (the same M_0 judges them the same way). ``embed`` maps (original prompt, new
+    prompt) to their prompt-embedding similarity, ``ifd`` (new prompt, new answer) to the rewrite's IFD under
+    the judge (:func:`rewrite_ifds`; what ``refine.accept_max_ifd`` checks).
     """
     from middo_ray.refine.gate import answer_relevance, meta_text, topic_overlap
     from middo_ray.refine.teacher import accept_rewrite
@@ -449,8 +454,8 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
     def meta_ok(r):
         return meta_text(r["new_prompt"], r["new_output"]) is None
 
-    def topic_ok(r, t):
-        if r["operation"] not in refine_cfg.accept_topic_operations:
+    def topic_ok(r, t, every_operation=False):
+        if not every_operation and r["operation"] not in refine_cfg.accept_topic_operations:
             return True
         share = topic_overlap(r["original_prompt"], r["new_prompt"])
         return share is None or share >= t
@@ -467,6 +472,7 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
         rules[f"judge(tol {tol:g})+meta+topic>={t0:g}"] = (lambda c: lambda r: accept_rewrite(
             c, r["quality_before"], r["quality_after"]) is None and meta_ok(r) and topic_ok(r, t0))(loose)
     rules["meta+topic"] = lambda r: meta_ok(r) and topic_ok(r, t0)
+    rules[f"judge+meta+topic>={t0:g}(all ops)"] = lambda r: judge_ok(r) and meta_ok(r) and topic_ok(r, t0, True)
 
     def answer_ok(r):
         share = answer_relevance(r["new_prompt"], r["new_output"])
@@ -474,6 +480,17 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
     rules[f"judge+meta+topic>={t0:g}+answer>0"] = lambda r: judge_ok(r) and meta_ok(r) and topic_ok(r, t0) and \
         answer_ok(r)
     rules[f"meta+topic>={t0:g}+answer>0"] = lambda r: meta_ok(r) and topic_ok(r, t0) and answer_ok(r)
+    if ifd:
+        def ifd_ok(r, t):
+            v = ifd.get((r["new_prompt"], r["new_output"]))
+            return v is None or v <= t
+        for t in (0.9, 1.0, 1.1):
+            rules[f"judge+meta+ifd<={t:g}"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and ifd_ok(r, t))(t)
+        rules[f"judge+meta+topic>={t0:g}+ifd<=1"] = lambda r: judge_ok(r) and meta_ok(r) and topic_ok(r, t0) and \
+            ifd_ok(r, 1.0)
+        rules[f"meta+topic>={t0:g}+ifd<=1"] = lambda r: meta_ok(r) and topic_ok(r, t0) and ifd_ok(r, 1.0)
+        rules[f"judge+meta+topic>={t0:g}(all ops)+ifd<=1"] = lambda r: judge_ok(r) and meta_ok(r) and \
+            topic_ok(r, t0, True) and ifd_ok(r, 1.0)
     if embed:
         for t in (0.5, 0.7, 0.8, 0.9):
             rules[f"judge+meta+emb>={t:g}"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and (
@@ -495,6 +512,11 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
             sims[k] = [embed[(r["original_prompt"], r["new_prompt"])] for r, kk in pairs if kk == k
                        and (r["original_prompt"], r["new_prompt"]) in embed]
         out["embedding_similarity"] = {k: _summary(v) for k, v in sims.items()}
+    if ifd:
+        values = {"correct": [ifd.get((r["new_prompt"], r["new_output"])) for r, k in pairs if k == "restore"]}
+        for k in WRONG_KINDS:
+            values[k] = [ifd.get((r["new_prompt"], r["new_output"])) for r, kk in pairs if kk == k]
+        out["ifd"] = {k: _summary([x for x in v if x is not None]) for k, v in values.items()}
     return out
 
 
@@ -503,6 +525,30 @@ def _summary(xs: list[float]) -> dict | None:
         return None
     xs = sorted(xs)
     return {"n": len(xs), "min": xs[0], "median": xs[len(xs) // 2], "max": xs[-1]}
+
+
+def rewrite_ifds(model: str, records: list[dict], template: str = "default", cutoff_len: int = 256,
+                 dtype: str = "float32") -> dict[tuple[str, str], float | None]:
+    """IFD of each judged rewrite (its new prompt and answer) under ``model``, encoded as the diagnosis and the
+    judge's ``refine.accept_max_ifd`` check encode it; keyed by (new prompt, new answer)."""
+    import math
+
+    from middo_ray.models import load_model
+    from middo_ray.scoring import ifd_scores
+
+    rows, keys, seen = [], [], set()
+    for r in records:
+        key = (r["new_prompt"], r["new_output"])
+        if r["teacher_status"] != "ok" or key in seen:
+            continue
+        seen.add(key)
+        keys.append(key)
+        rows.append({"instruction": r["new_instruction"], "input": r["new_input"] or "", "output": r["new_output"]})
+    if not rows:
+        return {}
+    m, tok = load_model(model, dtype=dtype)
+    values = ifd_scores(m, tok, rows, template, cutoff_len)
+    return {k: (float(v) if math.isfinite(v) else None) for k, v in zip(keys, values)}
 
 
 def prompt_similarities(model: str, pairs: list[tuple[str, str]], dtype: str = "float32") -> dict:
@@ -557,7 +603,7 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
              wrong_share: float, arms: Sequence[str] = ARMS, model: str = "smollm2", port: int = 8000,
              mc_path: str | None = None, mc_limit: int = 100, train: dict | None = None,
              extra: dict | None = None, kinds: Sequence[str] = EFFICACY_KINDS, embed: bool = False,
-             progress: str | Path | None = None) -> dict:
+             progress: str | Path | None = None, ifd: bool = False) -> dict:
     """One seed of the benchmark: the data, the teacher, every arm through the real loop; returns the results.
 
     The first arm must be ``middo``: it runs round 0 and round 1's diagnosis, and its number of selected
@@ -622,14 +668,16 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
             if progress is not None:              # what is done so far, for a run that is cut short
                 done = dict(out, gain=oracle_gain(out), gate=gate_study(all_records, decisions, cfg.refine))
                 Path(progress).write_text(json.dumps(done, indent=1, default=str))
-        sims = None
+        sims = ifds = None
+        model_dir = json.loads((base_root / "round_0" / "train" / "stage.json").read_text())["model_dir"]
         if embed and all_records:
             pairs = sorted({(r["original_prompt"], r["new_prompt"]) for r in all_records
                             if r["teacher_status"] == "ok"})
-            model_dir = json.loads((base_root / "round_0" / "train" / "stage.json").read_text())["model_dir"]
             sims = prompt_similarities(model_dir, pairs)
+        if ifd and all_records:      # under M_0, the judge of round 1
+            ifds = rewrite_ifds(model_dir, all_records, cfg.data.template, cfg.data.cutoff_len)
         decisions = {r["original_prompt"]: teacher.decide(r["original_prompt"]) for r in all_records}
-        out["gate"] = gate_study(all_records, decisions, cfg.refine, embed=sims)
+        out["gate"] = gate_study(all_records, decisions, cfg.refine, embed=sims, ifd=ifds)
         out["teacher"] = {"calls": teacher.calls, "decisions": {k: sum(v == k for v in teacher.decisions.values())
                                                                 for k in ("restore", "unchanged", *WRONG_KINDS)}}
     out["gain"] = oracle_gain(out)
@@ -707,6 +755,8 @@ def _pool_gate(gates: list[dict]) -> dict:
         let = {k: sum(g["variants"][name]["wrong_let_through"][k] for g in gates) for k in WRONG_KINDS}
         out["variants"][name] = {"correct_accepted": acc, "correct_rate": acc / out["correct"] if out["correct"] else None,
                                  "wrong_let_through": let, "wrong_rate": sum(let.values()) / n_w if n_w else None}
+    if all(g.get("ifd") for g in gates):
+        out["ifd_per_seed"] = [g["ifd"] for g in gates]
     return out
 
 
@@ -724,11 +774,14 @@ def format_table(summary: dict) -> str:
     g = summary["gate"]
     lines += ["", f"accept gate on the known rewrites: {g['correct']} correct, "
                   + ", ".join(f"{v} {k}" for k, v in g["wrong"].items()) + " wrong",
-              "gate variant                  correct accepted   wrong let through   "
+              f"{'gate variant':<44} correct accepted   wrong let through   "
               + "   ".join(f"{k:>12}" for k in WRONG_KINDS)]
     for name, v in g["variants"].items():
         cr = "-" if v["correct_rate"] is None else f"{v['correct_rate']:.2f}"
         wr = "-" if v["wrong_rate"] is None else f"{v['wrong_rate']:.2f}"
-        lines.append(f"{name:<29} {v['correct_accepted']:>6} ({cr:>4})   {sum(v['wrong_let_through'].values()):>6} "
+        lines.append(f"{name:<44} {v['correct_accepted']:>6} ({cr:>4})   {sum(v['wrong_let_through'].values()):>6} "
                      f"({wr:>4})      " + "   ".join(f"{v['wrong_let_through'][k]:>12}" for k in WRONG_KINDS))
+    for i, summ in enumerate(g.get("ifd_per_seed") or []):
+        lines.append(f"IFD of the rewrites under M_0 (seed {summary['seeds'][i]}; min / median / max): " + ", ".join(
+            f"{k} {v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f}" for k, v in summ.items() if v))
     return "\n".join(lines)

@@ -33,7 +33,8 @@ What ``round_<k>/refine/`` holds::
     rewrites/part-*.parquet   every job of the shard with the teacher's answer (committed per shard)
     results/part-*.parquet    the same after the re-judge: sample_id, operation, position (job order),
                               before_instruction/input/output, hints, status, reason, instruction, input,
-                              output, attempts, quality_before, quality_after
+                              output, attempts, quality_before, quality_after, ifd_after (the
+                              rewrite's IFD under the judge, refine.accept_max_ifd only)
     stage.json                counts (jobs, ok, failed, requests, cache hits and misses, timeouts, judged,
                               rejected, by operation) and the shard set
 """
@@ -64,7 +65,7 @@ RESULT_SCHEMA = pa.schema([
     ("before_instruction", pa.string()), ("before_input", pa.string()), ("before_output", pa.string()),
     ("hints", pa.list_(pa.string())), ("status", pa.string()), ("reason", pa.string()), ("instruction", pa.string()),
     ("input", pa.string()), ("output", pa.string()), ("attempts", pa.int64()), ("quality_before", pa.float64()),
-    ("quality_after", pa.float64())])
+    ("quality_after", pa.float64()), ("ifd_after", pa.float64())])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ def _result_table(jobs: list[dict], results: list[dict]) -> pa.Table:
         cols["attempts"].append(int(res.get("attempts") or 0))
         cols["quality_before"].append(_finite(res.get("quality_before")))
         cols["quality_after"].append(_finite(res.get("quality_after")))
+        cols["ifd_after"].append(_finite(res.get("ifd_after")))
     return pa.table(cols, schema=RESULT_SCHEMA)
 
 
@@ -125,7 +127,7 @@ def read_results(path: str) -> tuple[list[dict], list[dict]]:
         results.append({"sample_id": r["sample_id"], "status": r["status"], "reason": r["reason"],
                         "instruction": r["instruction"], "input": r["input"], "output": r["output"],
                         "attempts": r["attempts"], "quality_before": r["quality_before"],
-                        "quality_after": r["quality_after"]})
+                        "quality_after": r["quality_after"], "ifd_after": r.get("ifd_after")})
     return jobs, results
 
 

@@ -43,7 +43,7 @@ def _new_stats() -> dict[str, Any]:
 
 
 # Rejections by cause (a rewrite may fail several; ``rejected`` counts each rewrite once).
-GATE_COUNTS = ("rejected_judge", "rejected_meta", "rejected_topic", "rejected_answer")
+GATE_COUNTS = ("rejected_judge", "rejected_meta", "rejected_topic", "rejected_answer", "rejected_ifd")
 
 
 def rewrite_jobs(jobs: list[dict], handle, cfg: RefineConfig, seed: int, cache: LLMCallCache | None,
@@ -110,10 +110,20 @@ def gate_check(cfg: RefineConfig, job: dict, result: dict) -> list[str]:
                         cfg.accept_topic_operations, cfg.accept_min_answer_relevance)
 
 
-def _decide(cfg: RefineConfig, job: dict, results: list[dict], i: int, judge_why: str | None, stats: dict) -> None:
-    """Applies the gate to the ok result ``results[i]``: the judge's verdict (None = kept or not judged) and the
-    text checks; a rejected rewrite becomes a failure naming every cause."""
-    text_why = gate_check(cfg, job, results[i])
+def ifd_check(cfg: RefineConfig, ifd_after: float | None) -> str | None:
+    """Why refine.accept_max_ifd rejects a rewrite whose IFD under the judge is ``ifd_after`` (None: kept; an
+    undefined IFD is not held against it)."""
+    if cfg.accept_max_ifd is None or ifd_after is None or ifd_after <= cfg.accept_max_ifd:
+        return None
+    return (f"IFD {ifd_after:.2f} > refine.accept_max_ifd {cfg.accept_max_ifd:g} (the prompt does not make the "
+            f"answer easier to predict: an answer to another question)")
+
+
+def _decide(cfg: RefineConfig, job: dict, results: list[dict], i: int, judge_why: str | None, stats: dict,
+            ifd_why: str | None = None) -> None:
+    """Applies the gate to the ok result ``results[i]``: the judge's verdict (None = kept or not judged), the
+    IFD check's and the text checks; a rejected rewrite becomes a failure naming every cause."""
+    text_why = gate_check(cfg, job, results[i]) + ([ifd_why] if ifd_why else [])
     if judge_why is None and not text_why:
         return
     stats["rejected"] += 1
@@ -122,6 +132,7 @@ def _decide(cfg: RefineConfig, job: dict, results: list[dict], i: int, judge_why
     stats["rejected_meta"] += any("accept_meta_check" in w for w in text_why)
     stats["rejected_topic"] += any("accept_min_topic_overlap" in w for w in text_why)
     stats["rejected_answer"] += any("accept_min_answer_relevance" in w for w in text_why)
+    stats["rejected_ifd"] += ifd_why is not None
     causes = "; ".join(([judge_why] if judge_why else []) + text_why)
     head = "rejected by re-judge" if judge_why is not None else "rejected by the accept gate"
     results[i] = _failed(results[i], f"{head}: {causes}; original kept")
@@ -153,6 +164,8 @@ def _judge_calls(jobs: list[dict], results: list[dict], positions: list[int], cf
         request = {"samples": samples, "mode": mode, "template": template, "cutoff_len": cutoff_len,
                    "sampling": {"max_new_tokens": 8, "temperature": 0.1, "top_p": 1.0,
                                 "seed": (int(seed) * 7_919 + (chunk_base + chunk) * 104_729 + 17) % (2**31 - 1)}}
+        if cfg.accept_max_ifd is not None:      # only then: the requests (and cache keys) of other runs are unchanged
+            request["ifd"] = True
         what = f"re-judge request ({len(part)} rewrites, first id {jobs[part[0]]['sample_id']})"
         calls.append((part, Call("judge", request, what)))
     return calls
@@ -170,6 +183,10 @@ def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, se
         return
     ident = app_info(handle, "judge")
     stats["judge_model"], stats["judge_revision"] = ident.get("model"), ident.get("revision")
+    if cfg.accept_max_ifd is not None and not ident.get("ifd"):
+        raise ValueError(f"refine.accept_max_ifd is set but the judge's engine '{ident.get('engine')}' cannot compute "
+                         f"IFD; judge with refine.judge='current' (engine transformers or vllm), or set "
+                         f"refine.accept_max_ifd to null")
     calls = _judge_calls(jobs, results, positions, cfg, seed, _judge_mode(cfg, ident), template, cutoff_len,
                          chunk_base)
     stats["judge_requests"] += len(calls)
@@ -183,11 +200,13 @@ def rejudge(jobs: list[dict], results: list[dict], handle, cfg: RefineConfig, se
         got = checked_results(call, [s["sample_id"] for s in call.request["samples"]])
         for k, i in enumerate(part):
             before, after = _finite(got[2 * k].get("quality")), _finite(got[2 * k + 1].get("quality"))
+            ifd_after = _finite(got[2 * k + 1].get("ifd"))
             stats["judged"] += 1
             # Every ok rewrite is judged, also one the text checks reject: the record then shows what the
             # judge alone would have done (benchmarks/efficacy.py measures each part of the gate from it).
-            _decide(cfg, jobs[i], results, i, accept_rewrite(cfg, before, after), stats)
+            _decide(cfg, jobs[i], results, i, accept_rewrite(cfg, before, after), stats, ifd_check(cfg, ifd_after))
             results[i]["quality_before"], results[i]["quality_after"] = before, after
+            results[i]["ifd_after"] = ifd_after
 
 
 def _failed(result: dict, reason: str) -> dict:
@@ -195,7 +214,7 @@ def _failed(result: dict, reason: str) -> dict:
     return RefineResult(sample_id=result.get("sample_id"), status="failed", reason=reason,
                         attempts=int(result.get("attempts") or 0),
                         quality_before=result.get("quality_before"),
-                        quality_after=result.get("quality_after")).model_dump()
+                        quality_after=result.get("quality_after"), ifd_after=result.get("ifd_after")).model_dump()
 
 
 def outcome_counts(jobs: list[dict], results: list[dict], cfg: RefineConfig, stats: dict) -> dict:

@@ -258,4 +258,4 @@ def describe(engine: Engine) -> dict[str, Any]:
     """Identity of an engine for cache keys and /healthz."""
     return {"engine": engine.name, "model": engine.model_id, "revision": engine.revision,
             "judge_modes": ["prob", "generate"] if engine.supports_prob_judge else ["generate"],
-            "prefill": engine.supports_prefill}
+            "prefill": engine.supports_prefill, "ifd": bool(getattr(engine, "supports_ifd", False))}

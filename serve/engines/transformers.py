@@ -336,3 +336,19 @@ class TransformersEngine(_LocalModel):
         self._use_threads()
         template, cutoff_len = self._judge_setup(template, cutoff_len)
         return judge_scores(self._model, self._tok, _judge_rows(rows), template, cutoff_len, self._judge_batch_tokens)
+
+    supports_ifd = True
+
+    def ifd(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
+        """(N,) IFD of each row under the served model (NaN = undefined), encoded as the diagnosis encodes it.
+
+        Args:
+            rows: Dicts with instruction, input, output.
+            template: 'default', 'chat', or 'auto' (chat when the tokenizer has a chat template).
+            cutoff_len: Token cap of one encoded row.
+        """
+        from middo_ray.scoring import ifd_scores
+
+        self._use_threads()
+        template, cutoff_len = self._judge_setup(template, cutoff_len)
+        return ifd_scores(self._model, self._tok, _judge_rows(rows), template, cutoff_len, self._judge_batch_tokens)

@@ -133,6 +133,43 @@ class VLLMEngine(_LocalModel):
         """Blocking form of :meth:`ajudge_prob`, for callers outside an event loop."""
         return asyncio.run(self.ajudge_prob(rows, template, cutoff_len))
 
+    supports_ifd = True
+
+    async def _response_nll(self, ids: list[int], prompt_len: int) -> float:
+        """Mean NLL of ``ids[prompt_len:]`` (the response), each token given the ones before it; NaN without any.
+
+        One completion of one token with ``echo`` and ``logprobs=0``: vLLM then returns the log-probability of
+        every prompt token given its predecessors (the first has none), the transformers engine's numbers.
+        """
+        start = max(prompt_len, 1)
+        if start >= len(ids):
+            return float("nan")
+        answer = await self._complete(prompt=ids, max_tokens=1, temperature=0.0, echo=True, logprobs=0)
+        got = answer.choices[0].logprobs.token_logprobs[start:len(ids)]
+        if len(got) != len(ids) - start or any(x is None for x in got):
+            raise RuntimeError("the vLLM deployment gave no log-probabilities for the prompt tokens (echo)")
+        return -sum(got) / len(got)
+
+    async def aifd(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
+        """(N,) IFD of each row (NaN = undefined), encoded as the diagnosis encodes it: the response's mean NLL
+        after its prompt over its mean NLL after the empty prompt."""
+        import numpy as np
+
+        from middo_ray.encode import empty_prompt_variant, encode_row
+        from middo_ray.scoring import ifd_ratio
+
+        template, cutoff_len = self._judge_setup(template, cutoff_len)
+        full = _judge_rows(rows)
+        enc = [encode_row(r, self._tok, template, cutoff_len) for r in full]
+        enc += [empty_prompt_variant(e, r, self._tok, template) for e, r in zip(enc, full)]
+        nll = np.asarray(await asyncio.gather(*(self._response_nll(e.input_ids, e.prompt_len) for e in enc)),
+                         dtype=np.float64)
+        return ifd_ratio(nll[:len(rows)], nll[len(rows):])
+
+    def ifd(self, rows: list[dict], template: str = "auto", cutoff_len: int = 1024):
+        """Blocking form of :meth:`aifd`, for callers outside an event loop."""
+        return asyncio.run(self.aifd(rows, template, cutoff_len))
+
     async def health(self) -> None:
         """Raises when the vLLM engine is dead (Ray Serve LLM's own health check of the deployment)."""
         await self._llm.check_health.remote()

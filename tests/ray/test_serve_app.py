@@ -575,6 +575,45 @@ def test_refine_jobs_rejudges_rewrites_before_accepting(refiner):
         assert "accept_min_score" in r["reason"] and r["instruction"] == "" and r["quality_after"] is not None
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_judge_gives_ifd_and_the_gate_rejects_rewrites_above_accept_max_ifd(refiner):
+    """POST /v1/judge with "ifd": true gives each sample's IFD, equal to the engine's own computation (the
+    diagnosis' encoding); refine_jobs under refine.accept_max_ifd asks for it, records each rewrite's IFD and
+    rejects those above the threshold naming the setting (a tiny threshold rejects every rewrite, a huge one
+    none); other requests carry no "ifd" and are answered without one."""
+    from middo_ray.refine import refine_jobs
+    from serve.engines.transformers import TransformersEngine
+
+    cfg, handle, url = refiner
+    rows = [{"sample_id": "f1", "instruction": "Name a primary colour.", "output": "Red."},
+            {"sample_id": "f2", "instruction": "Add 12 and 30.", "input": "Show the sum.", "output": "42"}]
+    resp = httpx.post(f"{url}/v1/judge", json={"samples": rows, "ifd": True, "template": "default",
+                                                "cutoff_len": 512}, headers=AUTH, timeout=120)
+    assert resp.status_code == 200, resp.text
+    served = [r["ifd"] for r in resp.json()["results"]]
+    direct = TransformersEngine("tiny").ifd(rows, "default", 512)
+    assert served == pytest.approx(list(direct), abs=1e-5) and all(v > 0 for v in served)
+    plain = httpx.post(f"{url}/v1/judge", json={"samples": rows}, headers=AUTH, timeout=120)
+    assert plain.status_code == 200 and all(r["ifd"] is None for r in plain.json()["results"])
+
+    jobs = _jobs(9, "fd")
+    base = cfg.refine.model_copy(update={"max_retries": 2, "accept": "min_score", "accept_min_score": 0.0})
+    loose = refine_jobs(jobs, handle, base.model_copy(update={"accept_max_ifd": 1e6}), seed=3)
+    ok = [i for i, r in enumerate(loose.results) if r["status"] == "ok"]
+    assert ok, "the tiny model produced no valid rewrite to judge; pick another seed"
+    assert loose.counts["rejected_ifd"] == 0 and loose.counts["rejected"] == 0
+    rewrites = [{k: loose.results[i][k] for k in ("instruction", "input", "output")} for i in ok]
+    want = TransformersEngine("tiny").ifd(rewrites, "auto", 1024)
+    assert [loose.results[i]["ifd_after"] for i in ok] == pytest.approx(list(want), abs=1e-5)
+    strict = refine_jobs(jobs, handle, base.model_copy(update={"accept_max_ifd": 1e-6}), seed=3)
+    assert strict.counts["rejected_ifd"] == len(ok) == strict.counts["rejected"] and strict.counts["ok"] == 0
+    for i in ok:
+        r = strict.results[i]
+        assert r["status"] == "failed" and "refine.accept_max_ifd 1e-06" in r["reason"] and r["instruction"] == ""
+        assert r["ifd_after"] == pytest.approx(loose.results[i]["ifd_after"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The judge follows the model being trained (refine.judge='current').
 

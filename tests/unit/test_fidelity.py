@@ -14,7 +14,7 @@ import torch
 from middo_ray.encode import empty_prompt_variant, encode_row, render_prompt
 from middo_ray.models import load_model
 from middo_ray.schema import make_row
-from middo_ray.scoring import forward_scores
+from middo_ray.scoring import forward_scores, ifd_scores
 
 pytestmark = pytest.mark.unit
 
@@ -76,6 +76,22 @@ def test_ifd_denominator_is_the_response_after_an_empty_prompt(shared_data, tiny
             want = model(input_ids=torch.tensor([seq]), labels=labels).loss.item()
         assert got[len(rows) + i] == pytest.approx(want, abs=1e-4)
         assert empty[i].input_ids[empty[i].prompt_len:] == enc[i].input_ids[enc[i].prompt_len:]
+    # ifd_scores (the judge's refine.accept_max_ifd check) is the same ratio of the same two passes.
+    ifd = ifd_scores(model, tok, rows, "default", 512)
+    np.testing.assert_allclose(ifd, got[: len(rows)] / got[len(rows):], rtol=1e-9)
+
+
+def test_ifd_tells_a_samples_own_answer_from_another_samples_answer_on_smollm2(shared_data):
+    """What refine.accept_max_ifd rests on, with a real LM: under SmolLM2 an Alpaca prompt makes its own answer
+    easier to predict (IFD at most 1) and another sample's answer not (IFD above 1), for nearly every row."""
+    model, tok = load_model("smollm2", "float32")
+    rows = _alpaca(shared_data, 24)
+    other = [dict(r, output=rows[(i + 7) % len(rows)]["output"]) for i, r in enumerate(rows)]
+    own, swapped = ifd_scores(model, tok, rows, "default", 256), ifd_scores(model, tok, other, "default", 256)
+    assert np.isfinite(own).all() and np.isfinite(swapped).all()
+    assert (own <= 1.0).mean() >= 0.9, own
+    assert (swapped > 1.0).mean() >= 0.75, swapped
+    assert (swapped > own).mean() >= 0.9
 
 
 def test_cutoff_rule(tiny_model):

@@ -95,3 +95,32 @@ def test_answer_relevance_rejects_an_answer_that_mentions_nothing_of_its_prompt_
     assert len(why) == 1 and "accept_min_answer_relevance" in why[0]
     assert gate_reasons(job, right, True, 0.0, ["improve"], min_answer_relevance=0.01) == []
     assert build_config({}).refine.accept_min_answer_relevance == 0.0
+
+
+def test_the_ifd_check_rejects_only_above_its_threshold_and_only_when_set():
+    """refine.accept_max_ifd: off by default; on, a rewrite whose IFD is above it is rejected with a reason that
+    names the setting, one at or below it passes, and an undefined IFD (None) is not held against it."""
+    from middo_ray.refine.teacher import ifd_check
+
+    off = build_config({}).refine
+    assert off.accept_max_ifd is None and ifd_check(off, 5.0) is None
+    on = build_config({"refine": {"accept_max_ifd": 1.0}}).refine
+    why = ifd_check(on, 1.07)
+    assert why is not None and "refine.accept_max_ifd 1" in why and "1.07" in why
+    assert ifd_check(on, 1.0) is None and ifd_check(on, 0.4) is None and ifd_check(on, None) is None
+
+
+@pytest.mark.parametrize("refine, fix", [
+    ({"accept": "none"}, "refine.accept to 'not_worse'"),
+    ({"judge": "teacher", "engine": "openai", "openai_base_url": "http://127.0.0.1:9/v1"}, "engine 'openai'"),
+])
+def test_the_ifd_check_needs_a_judge_that_gives_token_losses(refine, fix):
+    """The IFD check runs in the re-judge on an engine with logits: a config that turns the re-judge off, or judges
+    with an engine that gives no token losses, is refused before any work, naming the fix."""
+    from middo_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="accept_max_ifd") as exc:
+        build_config({"refine": {"accept_max_ifd": 1.0, **refine}})
+    assert fix in str(exc.value)
+    for fine in ({"judge": "teacher"}, {"judge_engine": "vllm"}, {"engine": "openai", "openai_base_url": "http://h/v1"}):
+        assert build_config({"refine": {"accept_max_ifd": 1.0, **fine}}).refine.accept_max_ifd == 1.0

@@ -156,6 +156,27 @@ def test_vllm_prob_judge_equals_the_transformers_engine(vllm_app):
                 assert got[part][dim] == pytest.approx(value, abs=1e-3)
 
 
+@pytest.mark.timeout(600)
+def test_vllm_ifd_equals_the_transformers_engine(vllm_app):
+    """"ifd": true on vLLM (prompt log-probabilities of an echoed completion) gives the transformers engine's IFD
+    for the same samples, with and without an input."""
+    from middo_ray.wire import JudgeRequest
+    from serve.engines.transformers import TransformersEngine
+    from serve.logic import run_judge
+
+    _, _, url = vllm_app
+    samples = [{"sample_id": f"i{i}", "instruction": p, "input": "Keep it short." if i % 2 else "",
+                "output": "An answer of a few words."} for i, p in enumerate(PROMPTS)]
+    local_engine = TransformersEngine(MODEL, dtype="float32")
+    body = {"samples": samples, "mode": "prob", "ifd": True, "template": "default", "cutoff_len": 512}
+    served = httpx.post(f"{url}/v1/judge", json=body, headers=AUTH, timeout=300)
+    assert served.status_code == 200, served.text
+    got = [r["ifd"] for r in served.json()["results"]]
+    want = [r["ifd"] for r in run_judge(local_engine, JudgeRequest.model_validate(body)).model_dump()["results"]]
+    assert all(w is not None and w > 0 for w in want)
+    assert got == pytest.approx(want, rel=1e-3)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("judge_engine", ["transformers", "vllm"])
 def test_vllm_teacher_with_the_current_model_as_judge(vllm_app, judge_engine, tmp_path):
