@@ -264,7 +264,8 @@ def test_openai_client_chat_completions_and_models(apps):
 @pytest.mark.timeout(300)
 def test_external_engine_through_our_own_chat_route(apps):
     """App B's refiner runs on A's /v1/chat/completions over HTTP and, since every row keeps its seed and
-    prefill end to end, gives exactly A's own answer; B supports only judge mode 'generate' and says so."""
+    prefill end to end, gives exactly A's own answer; B supports only judge mode 'generate', and no IFD, and
+    says so."""
     body = {"operation": "improve", "samples": [{"sample_id": f"e{i}", "instruction": f"Explain topic {i} well."}
                                                 for i in range(3)],
             "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 21}, "max_retries": 1}
@@ -276,6 +277,10 @@ def test_external_engine_through_our_own_chat_route(apps):
     assert info["engine"] == "openai" and info["judge_modes"] == ["generate"] and info["prefill"] is True
     resp = httpx.post(f"{apps['b']}/v1/judge", json={"samples": ROWS, "mode": "prob"}, headers=AUTH, timeout=60)
     assert resp.status_code == 422 and "mode 'generate'" in resp.json()["error"]["message"]
+    assert info["ifd"] is False
+    resp = httpx.post(f"{apps['b']}/v1/judge", json={"samples": ROWS, "mode": "generate", "ifd": True},
+                      headers=AUTH, timeout=60)
+    assert resp.status_code == 422 and "cannot compute IFD" in resp.json()["error"]["message"]
     resp = httpx.post(f"{apps['b']}/v1/judge", json={"samples": ROWS, "mode": "generate",
                                                    "sampling": {"max_new_tokens": 4, "seed": 2}},
                       headers=AUTH, timeout=300)
