@@ -210,9 +210,15 @@ def read_record(stage_dir: str) -> dict:
     return storage.read_json(storage.join(stage_dir, RECORD))
 
 
+# Where the services listen and how they are reached: a resumed run may get other ports or a moved endpoint
+# (the LLM-call cache keys name the model and its revision, not the address).
+PLACE_SETTINGS = {"refine": frozenset({"http_port", "http_host", "proxy_location", "openai_base_url",
+                                       "openai_api_key_env", "api_key_env"})}
+
+
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """The settings (``section.key: old -> new``) in which config ``now`` differs from the ``saved`` config of a
-    run directory; the run and ray sections (where and how it runs) do not count.
+    run directory; the run and ray sections and :data:`PLACE_SETTINGS` (where and how it runs) do not count.
 
     A setting that the saved config does not have (added by a newer version of middo-ray) counts as changed
     only when it is not at its default, so an upgrade does not make an unfinished run unresumable; a setting
@@ -225,6 +231,8 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
             continue
         before = saved.get(section) or {}
         for key, value in values.items():
+            if key in PLACE_SETTINGS.get(section, ()):
+                continue
             if key not in before:
                 if value != defaults.get(section, {}).get(key):
                     out.append(f"{section}.{key}: not set -> {value!r}")

@@ -154,7 +154,8 @@ def test_one_run_per_run_directory(tmp_path):
 def test_resume_refuses_a_changed_config(tmp_path):
     """Resuming a run directory with a different config is an error naming the changed setting, its old and new
     value; a setting the saved config lacks (added by a newer version) counts only when it is not at its
-    default, and where the run runs (run, ray) does not count."""
+    default, and where the run runs (run, ray) and where its services listen (ports, the teacher's address)
+    do not count."""
     import json
 
     from middo_ray.rundir import Run
@@ -169,7 +170,8 @@ def test_resume_refuses_a_changed_config(tmp_path):
     older["train"]["a_setting_since_removed"] = 1
     saved.write_text(json.dumps(older))
     cfg.ray.num_cpus = 1
-    Run(cfg).open().close()                                  # settings new since, at their defaults
+    cfg.refine.http_port, cfg.refine.openai_base_url = 8123, "http://127.0.0.1:9/v1"
+    Run(cfg).open().close()                                  # settings new since, at their defaults; other ports
     saved.write_text(json.dumps(older))
     cfg.select.quality_m = 2.0
     cfg.select.budget_fraction = 0.3
