@@ -645,11 +645,11 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
             log.info("efficacy: seed %d, arm %s", seed, arm)
             run_loop(cfg)
             sel = json.loads((root / "round_1" / "select" / "stage.json").read_text())["counts"]
+            flags = _read_shards(root, "select", "flags")
+            chosen = [f["sample_id"] for f in flags if f["complexity"] or f["diversity"] or f["quality"]]
             if arm == "middo":
                 count = sel["any"]["flagged"]
-                flags = _read_shards(root, "select", "flags")
-                (work / "middo_ids.json").write_text(json.dumps(
-                    [f["sample_id"] for f in flags if f["complexity"] or f["diversity"] or f["quality"]]))
+                (work / "middo_ids.json").write_text(json.dumps(chosen))
                 if count == 0:
                     log.warning("efficacy: Middo's rules flagged nothing; the other arms choose 0 samples too")
             d1 = _read_shards(root, "merge", "dataset")
@@ -660,7 +660,8 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
             decisions = {r["original_prompt"]: teacher.decide(r["original_prompt"]) for r in all_records}
             stage = json.loads((root / "round_1" / "refine" / "stage.json").read_text())["counts"]
             acct = account(data, d1, records, decisions, stage)
-            out["arms"][arm] = {"selected": sel["any"]["flagged"], "flags": {a: sel[a]["flagged"] for a in
+            out["arms"][arm] = {"selected": sel["any"]["flagged"],
+                                "defects_selected": len(set(chosen) & set(data.defect_ids)), "flags": {a: sel[a]["flagged"] for a in
                                                                               ("complexity", "diversity", "quality")},
                                 **acct, "metrics": _metrics(root, 1), "seconds": round(time.time() - t0, 1)}
             out["d0"] = {"metrics": _metrics(base_root, 0), "defects": len(data.defect_ids),
@@ -728,14 +729,14 @@ def summarize(seeds: list[dict]) -> dict:
         row = {k: _mean_sd([get(s, k) for s in seeds]) for k in ("heldout_loss", "mc_accuracy")}
         if arm == "d0":
             row.update(remaining=_mean_sd([s["d0"]["remaining"] for s in seeds]))
-            row.update({k: (None, None) for k in ("selected", "sent", "accepted", "rejected", "accepted_wrong",
-                                                  "restored", "clean_damaged")})
+            row.update({k: (None, None) for k in ("selected", "defects_selected", "sent", "accepted", "rejected",
+                                                  "accepted_wrong", "restored", "clean_damaged")})
             row["gain_loss"] = _mean_sd([0.0 for _ in seeds])
             row["gain_mc"] = _mean_sd([0.0 for _ in seeds])
         else:
-            for k in ("selected", "remaining", "restored", "replaced_wrong", "clean_damaged", "sent", "accepted",
+            for k in ("selected", "defects_selected", "remaining", "restored", "replaced_wrong", "clean_damaged", "sent", "accepted",
                       "rejected", "rejected_by_judge", "accepted_wrong", "teacher_failed"):
-                row[k] = _mean_sd([s["arms"][arm][k] for s in seeds])
+                row[k] = _mean_sd([s["arms"][arm].get(k) for s in seeds])
             row["gain_loss"] = _mean_sd([s["gain"][arm]["heldout_loss"] for s in seeds])
             row["gain_mc"] = _mean_sd([s["gain"][arm]["mc_accuracy"] for s in seeds])
         row["per_seed_loss"] = [get(s, "heldout_loss") for s in seeds]
@@ -762,11 +763,11 @@ def _pool_gate(gates: list[dict]) -> dict:
 
 def format_table(summary: dict) -> str:
     """The arms table and the gate table, as printed."""
-    lines = ["arm               selected  sent  accepted  rejected(judge)  wrong in  restored  defects left  "
-             "clean damaged  held-out loss   MC acc        oracle gain (loss)  (MC)"]
+    lines = ["arm               selected  defects in it  sent  accepted  rejected(judge)  wrong in  restored  "
+             "defects left  clean damaged  held-out loss   MC acc        oracle gain (loss)  (MC)"]
     for arm, r in summary["arms"].items():
         lines.append(
-            f"{arm:<17} {_fmt(*r['selected'], 1):>8} {_fmt(*r['sent'], 1):>5} {_fmt(*r['accepted'], 1):>9} "
+            f"{arm:<17} {_fmt(*r['selected'], 1):>8} {_fmt(*r['defects_selected'], 1):>14} {_fmt(*r['sent'], 1):>5} {_fmt(*r['accepted'], 1):>9} "
             f"{_fmt(*r['rejected'], 1):>8}({_fmt(*r.get('rejected_by_judge', (None, None)), 1)}) "
             f"{_fmt(*r['accepted_wrong'], 1):>8} {_fmt(*r['restored'], 1):>9} {_fmt(*r['remaining'], 1):>13} "
             f"{_fmt(*r['clean_damaged'], 1):>14} {_fmt(*r['heldout_loss'], 4):>15} {_fmt(*r['mc_accuracy'], 3):>13} "
