@@ -489,8 +489,9 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
         rules[f"judge+meta+topic>={t0:g}+ifd<=1"] = lambda r: judge_ok(r) and meta_ok(r) and topic_ok(r, t0) and \
             ifd_ok(r, 1.0)
         rules[f"meta+topic>={t0:g}+ifd<=1"] = lambda r: meta_ok(r) and topic_ok(r, t0) and ifd_ok(r, 1.0)
-        rules[f"judge+meta+topic>={t0:g}(all ops)+ifd<=1"] = lambda r: judge_ok(r) and meta_ok(r) and \
-            topic_ok(r, t0, True) and ifd_ok(r, 1.0)
+        for t in topic_thresholds:
+            rules[f"judge+meta+topic>={t:g}(all ops)+ifd<=1"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and
+                                                                 topic_ok(r, t, True) and ifd_ok(r, 1.0))(t)
     if embed:
         for t in (0.5, 0.7, 0.8, 0.9):
             rules[f"judge+meta+emb>={t:g}"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and (
