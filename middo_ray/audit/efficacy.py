@@ -662,8 +662,8 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
             stage = json.loads((root / "round_1" / "refine" / "stage.json").read_text())["counts"]
             acct = account(data, d1, records, decisions, stage)
             out["arms"][arm] = {"selected": sel["any"]["flagged"],
-                                "defects_selected": len(set(chosen) & set(data.defect_ids)), "flags": {a: sel[a]["flagged"] for a in
-                                                                              ("complexity", "diversity", "quality")},
+                                "defects_selected": len(set(chosen) & set(data.defect_ids)),
+                                "flags": {a: sel[a]["flagged"] for a in ("complexity", "diversity", "quality")},
                                 **acct, "metrics": _metrics(root, 1), "seconds": round(time.time() - t0, 1)}
             out["d0"] = {"metrics": _metrics(base_root, 0), "defects": len(data.defect_ids),
                          "remaining": len(data.defect_ids)}
