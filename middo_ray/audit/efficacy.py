@@ -492,6 +492,10 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
         for t in topic_thresholds:
             rules[f"judge+meta+topic>={t:g}(all ops)+ifd<=1"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and
                                                                  topic_ok(r, t, True) and ifd_ok(r, 1.0))(t)
+        loose = refine_cfg.model_copy(update={"accept": "not_worse", "accept_tolerance": 0.25})
+        rules[f"judge(tol 0.25)+meta+topic>={t0:g}(all ops)+ifd<=1"] = lambda r: accept_rewrite(
+            loose, r["quality_before"], r["quality_after"]) is None and meta_ok(r) and topic_ok(r, t0, True) and \
+            ifd_ok(r, 1.0)
     if embed:
         for t in (0.5, 0.7, 0.8, 0.9):
             rules[f"judge+meta+emb>={t:g}"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and (
