@@ -361,38 +361,33 @@ class Refiner:
         if body.mode == "prob" and not self._engine.supports_prob_judge:
             raise ClientError(422, f"engine '{self._engine.name}' gives no token probabilities, so it supports only "
                                    f"mode 'generate'; send \"mode\": \"generate\"")
-        if body.ifd and logic.ifd_unsupported(self._engine):
-            raise ClientError(422, logic.ifd_unsupported(self._engine))
+        no_ifd = logic.ifd_unsupported(self._engine) if body.ifd else None
+        if no_ifd:
+            raise ClientError(422, no_ifd)
         if (body.mode == "prob" or body.ifd) and body.template == "chat" and \
                 not getattr(self._engine, "uses_chat_template", False):
             raise ClientError(422, "template 'chat' needs a tokenizer with a chat template, and this model has "
                                    "none; use 'default' or 'auto'")
+        rows = [s.model_dump() for s in body.samples]
+
+        async def scored(method: str):
+            """The engine's ``method`` (judge_prob or ifd) over the request's rows, as a float array. vLLM
+            schedules its scoring requests itself (``a<method>``); otherwise one call in a worker thread: the
+            token-budget batching decides the forward batches, so a sample's numbers do not depend on how a
+            request was cut (the golden results pin them). A request is bounded by max_samples_per_request x
+            cutoff_len; requests take turns at the model."""
+            scheduled = getattr(self._engine, "a" + method, None)
+            if scheduled is not None:
+                out = await scheduled(rows, body.template, body.cutoff_len)
+            else:
+                async with self._compute:
+                    out = await asyncio.to_thread(getattr(self._engine, method), rows, body.template, body.cutoff_len)
+            return np.asarray(out, dtype=np.float64)
 
         async def work(w: _Work) -> dict:
-            ifd = None
-            if body.ifd:
-                rows = [s.model_dump() for s in body.samples]
-                scheduled = getattr(self._engine, "aifd", None)
-                if scheduled is not None:       # vLLM schedules its scoring requests itself
-                    ifd = await scheduled(rows, body.template, body.cutoff_len)
-                else:
-                    async with self._compute:
-                        ifd = await asyncio.to_thread(self._engine.ifd,  # type: ignore[attr-defined]
-                                                      rows, body.template, body.cutoff_len)
-                ifd = np.asarray(ifd, dtype=np.float64)
+            ifd = await scored("ifd") if body.ifd else None
             if body.mode == "prob":
-                rows = [s.model_dump() for s in body.samples]
-                scheduled = getattr(self._engine, "ajudge_prob", None)
-                if scheduled is not None:       # vLLM schedules the scoring requests itself
-                    scores = await scheduled(rows, body.template, body.cutoff_len)
-                else:
-                    # One call: the judge's token-budget batching decides the forward batches, so a sample's scores
-                    # do not depend on how a request was cut (the golden results pin them). A request is bounded by
-                    # max_samples_per_request x cutoff_len; requests take turns at the model.
-                    async with self._compute:
-                        scores = await asyncio.to_thread(self._engine.judge_prob,  # type: ignore[attr-defined]
-                                                         rows, body.template, body.cutoff_len)
-                    scores = np.asarray(scores, dtype=np.float64)
+                scores = await scored("judge_prob")
             else:
                 scores = await logic.judge_generate(self._gen(w), body)
             resp = logic.judge_response(body, scores, self._engine.model_id, ifd)

@@ -532,13 +532,12 @@ def _summary(xs: list[float]) -> dict | None:
     return {"n": len(xs), "min": xs[0], "median": xs[len(xs) // 2], "max": xs[-1]}
 
 
-def rewrite_ifds(model: str, records: list[dict], template: str = "default", cutoff_len: int = 256,
-                 dtype: str = "float32") -> dict[tuple[str, str], float | None]:
-    """IFD of each judged rewrite (its new prompt and answer) under ``model``, encoded as the diagnosis and the
-    judge's ``refine.accept_max_ifd`` check encode it; keyed by (new prompt, new answer)."""
+def rewrite_ifds(m, tok, records: list[dict], template: str = "default",
+                 cutoff_len: int = 256) -> dict[tuple[str, str], float | None]:
+    """IFD of each judged rewrite (its new prompt and answer) under model ``m`` (tokenizer ``tok``), encoded as
+    the diagnosis and the judge's ``refine.accept_max_ifd`` check encode it; keyed by (new prompt, new answer)."""
     import math
 
-    from middo_ray.models import load_model
     from middo_ray.scoring import ifd_scores
 
     rows, keys, seen = [], [], set()
@@ -551,19 +550,15 @@ def rewrite_ifds(model: str, records: list[dict], template: str = "default", cut
         rows.append({"instruction": r["new_instruction"], "input": r["new_input"] or "", "output": r["new_output"]})
     if not rows:
         return {}
-    m, tok = load_model(model, dtype=dtype)
     values = ifd_scores(m, tok, rows, template, cutoff_len)
     return {k: (float(v) if math.isfinite(v) else None) for k, v in zip(keys, values)}
 
 
-def prompt_similarities(model: str, pairs: list[tuple[str, str]], dtype: str = "float32") -> dict:
+def prompt_similarities(m, tok, pairs: list[tuple[str, str]]) -> dict:
     """Cosine similarity of mask-aware mean-pooled last hidden states (the diagnosis' embedding, over the raw
-    prompt text) of each (original prompt, new prompt) pair, under ``model``."""
+    prompt text) of each (original prompt, new prompt) pair, under model ``m`` (tokenizer ``tok``)."""
     import torch
 
-    from middo_ray.models import load_model
-
-    m, tok = load_model(model, dtype=dtype)
     texts = sorted({t for p in pairs for t in p})
     vecs: dict[str, Any] = {}
     with torch.no_grad():
@@ -675,13 +670,16 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
                 done = dict(out, gain=oracle_gain(out), gate=gate_study(all_records, decisions, cfg.refine))
                 Path(progress).write_text(json.dumps(done, indent=1, default=str))
         sims = ifds = None
-        model_dir = json.loads((base_root / "round_0" / "train" / "stage.json").read_text())["model_dir"]
-        if embed and all_records:
-            pairs = sorted({(r["original_prompt"], r["new_prompt"]) for r in all_records
-                            if r["teacher_status"] == "ok"})
-            sims = prompt_similarities(model_dir, pairs)
-        if ifd and all_records:      # under M_0, the judge of round 1
-            ifds = rewrite_ifds(model_dir, all_records, cfg.data.template, cfg.data.cutoff_len)
+        if (embed or ifd) and all_records:      # under M_0, the judge of round 1, loaded once for both
+            from middo_ray.models import load_model
+
+            m0 = load_model(json.loads((base_root / "round_0" / "train" / "stage.json").read_text())["model_dir"],
+                            dtype="float32")
+            if embed:
+                sims = prompt_similarities(*m0, sorted({(r["original_prompt"], r["new_prompt"]) for r in all_records
+                                                        if r["teacher_status"] == "ok"}))
+            if ifd:
+                ifds = rewrite_ifds(*m0, all_records, cfg.data.template, cfg.data.cutoff_len)
         decisions = {r["original_prompt"]: teacher.decide(r["original_prompt"]) for r in all_records}
         out["gate"] = gate_study(all_records, decisions, cfg.refine, embed=sims, ifd=ifds)
         out["teacher"] = {"calls": teacher.calls, "decisions": {k: sum(v == k for v in teacher.decisions.values())

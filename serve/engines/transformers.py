@@ -333,9 +333,7 @@ class TransformersEngine(_LocalModel):
         """
         from middo_ray.judge import judge_scores
 
-        self._use_threads()
-        template, cutoff_len = self._judge_setup(template, cutoff_len)
-        return judge_scores(self._model, self._tok, _judge_rows(rows), template, cutoff_len, self._judge_batch_tokens)
+        return self._score(judge_scores, rows, template, cutoff_len)
 
     supports_ifd = True
 
@@ -349,6 +347,11 @@ class TransformersEngine(_LocalModel):
         """
         from middo_ray.scoring import ifd_scores
 
+        return self._score(ifd_scores, rows, template, cutoff_len)
+
+    def _score(self, fn, rows: list[dict], template: str, cutoff_len: int):
+        """``fn(model, tokenizer, rows, template, cutoff_len, batch_tokens)`` over wire rows, with the judge's
+        template ('auto' resolved), cutoff and token budget."""
         self._use_threads()
         template, cutoff_len = self._judge_setup(template, cutoff_len)
-        return ifd_scores(self._model, self._tok, _judge_rows(rows), template, cutoff_len, self._judge_batch_tokens)
+        return fn(self._model, self._tok, _judge_rows(rows), template, cutoff_len, self._judge_batch_tokens)

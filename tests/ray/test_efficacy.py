@@ -33,7 +33,7 @@ def test_one_round_of_every_arm_accounts_for_every_defect(ray_local, tiny_model,
     res = run_seed(shared_data / "sft" / "alpaca_5000.json", tmp_path, seed=0, n_train=40, n_heldout=10,
                    fraction=0.25, wrong_share=0.3, arms=("middo", "random", "oracle"), model="tiny",
                    port=_free_port(), mc_path=None, train={"learning_rate": 1e-3, "batch_size": 16, "max_steps": 2},
-                   extra={"refine": {"max_new_tokens": 64}, "eval": {"mc_path": None}}, embed=False)
+                   extra={"refine": {"max_new_tokens": 64}, "eval": {"mc_path": None}}, embed=False, ifd=True)
     n_def = res["rows"]["defects"]
     assert n_def == 10
     for arm, a in res["arms"].items():
@@ -44,10 +44,15 @@ def test_one_round_of_every_arm_accounts_for_every_defect(ray_local, tiny_model,
         assert a["metrics"]["heldout_loss"] is not None
     oracle = res["arms"]["oracle"]
     assert oracle["selected"] == n_def and oracle["sent"] == n_def and oracle["clean_damaged"] == 0
+    assert oracle["defects_selected"] == n_def and res["arms"]["random"]["defects_selected"] <= n_def
     assert oracle["sent_correct"] > 0
     assert res["arms"]["random"]["selected"] == res["arms"]["middo"]["selected"]
     gate = res["gate"]["variants"]["configured"]
     assert gate["wrong_let_through"]["meta"] == 0
+    # The rewrites' IFD under M_0 (the tiny model): one value per judged rewrite, and the variants that use it.
+    judged = res["gate"]["correct"] + sum(res["gate"]["wrong"].values())
+    assert sum(v["n"] for v in res["gate"]["ifd"].values() if v) == judged
+    assert "judge+meta+ifd<=1" in res["gate"]["variants"]
     for arm in ("random", "oracle"):
         run = tmp_path / "runs" / f"s0-{arm}"
         assert json.loads((run / "round_0" / "manifest.json").read_text())["resumed"] == ["data", "train", "eval"]
