@@ -492,10 +492,17 @@ def gate_study(records: list[dict], decisions: dict[str, str], refine_cfg, topic
         for t in topic_thresholds:
             rules[f"judge+meta+topic>={t:g}(all ops)+ifd<=1"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and
                                                                  topic_ok(r, t, True) and ifd_ok(r, 1.0))(t)
-        loose = refine_cfg.model_copy(update={"accept": "not_worse", "accept_tolerance": 0.25})
-        rules[f"judge(tol 0.25)+meta+topic>={t0:g}(all ops)+ifd<=1"] = lambda r: accept_rewrite(
-            loose, r["quality_before"], r["quality_after"]) is None and meta_ok(r) and topic_ok(r, t0, True) and \
-            ifd_ok(r, 1.0)
+        for tol in (0.05, 0.1, 0.15, 0.25):
+            loose = refine_cfg.model_copy(update={"accept": "not_worse", "accept_tolerance": tol})
+            rules[f"judge(tol {tol:g})+meta+topic>=0.3(all ops)+ifd<=1"] = (lambda c: lambda r: accept_rewrite(
+                c, r["quality_before"], r["quality_after"]) is None and meta_ok(r) and topic_ok(r, 0.3, True) and
+                ifd_ok(r, 1.0))(loose)
+        # The gate chosen on seeds 0-2 (docs/audit.md), to be checked on other seeds: the judge loosened by 0.1 and
+        # IFD held to 0.95 (every correct rewrite there had IFD <= 0.934, the answers to other questions >= 0.923).
+        strict = refine_cfg.model_copy(update={"accept": "not_worse", "accept_tolerance": 0.1})
+        rules["judge(tol 0.1)+meta+topic>=0.3(all ops)+ifd<=0.95"] = lambda r: accept_rewrite(
+            strict, r["quality_before"], r["quality_after"]) is None and meta_ok(r) and topic_ok(r, 0.3, True) and \
+            ifd_ok(r, 0.95)
     if embed:
         for t in (0.5, 0.7, 0.8, 0.9):
             rules[f"judge+meta+emb>={t:g}"] = (lambda t: lambda r: judge_ok(r) and meta_ok(r) and (
