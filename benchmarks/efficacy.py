@@ -107,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "efficacy.json"))
     ap.add_argument("--report", nargs="+", default=None, metavar="SEED_JSON",
-                    help="only print the table of finished seeds or of a run cut short (<work>/seed<k>.partial.json)")
+                    help="only print the table of a finished run (its JSON) or of a run cut short (<work>/seed<k>.partial.json)")
     args = ap.parse_args(argv)
     if args.report:
-        seeds = [json.loads(Path(p).read_text()) for p in args.report]
+        seeds = []
+        for p in args.report:          # a seed's partial file, or a finished run's JSON (its seeds, IFD included)
+            doc = json.loads(Path(p).read_text())
+            seeds.extend(doc["seeds"] if "seeds" in doc and "arms" not in doc else [doc])
         print(format_table(summarize(seeds)))
         return 0
 

@@ -692,6 +692,8 @@ def run_seed(rows_path: str | Path, work: Path, seed: int, n_train: int, n_heldo
         out["teacher"] = {"calls": teacher.calls, "decisions": {k: sum(v == k for v in teacher.decisions.values())
                                                                 for k in ("restore", "unchanged", *WRONG_KINDS)}}
     out["gain"] = oracle_gain(out)
+    if progress is not None:                      # the seed's finished results, the gate's IFD variants included
+        Path(progress).write_text(json.dumps(out, indent=1, default=str))
     return out
 
 
@@ -752,7 +754,83 @@ def summarize(seeds: list[dict]) -> dict:
         row["per_seed_loss"] = [get(s, "heldout_loss") for s in seeds]
         table[arm] = row
     gate = _pool_gate([s["gate"] for s in seeds])
-    return {"arms": table, "gate": gate, "seeds": [s["seed"] for s in seeds]}
+    return {"arms": table, "gate": gate, "seeds": [s["seed"] for s in seeds], "verdict": verdict(seeds, gate)}
+
+
+# The issue's gate goal: at most this share of the wrong rewrites let through, at least this share of the correct
+# ones accepted.
+GATE_MAX_WRONG = 0.05
+GATE_MIN_CORRECT = 0.90
+
+
+def _paired(seeds: list[dict], fn) -> tuple[list[float], float | None, float | None]:
+    xs = [x for x in (fn(s) for s in seeds) if x is not None]
+    mu, sd = _mean_sd(xs)
+    return xs, mu, sd
+
+
+def _clear(xs: list[float], mu: float | None, sd: float | None) -> bool:
+    """A paired difference is *clear* when it is positive on every seed (three at least) and its mean is more
+    than twice its standard error: a deliberately plain rule, since three to six seeds allow no finer test."""
+    return len(xs) >= 3 and all(x > 0 for x in xs) and mu is not None and mu > 2 * (sd or 0.0) / math.sqrt(len(xs))
+
+
+def verdict(seeds: list[dict], gate: dict) -> dict:
+    """What the run shows about the issue's three questions, in words and as booleans (None: not measured).
+
+    - data: does Middo's selection hold more injected defects than random selection of as many samples, and
+      leave fewer in D_1 (paired per seed)?
+    - model: is the oracle's own gain over M_0 (held-out loss) clear, and does Middo's M_1 beat random's by a
+      clear paired margin? When the oracle's gain is not clear, the "oracle gain" ratios divide by noise and
+      the model-side goal is not shown, whatever they say.
+    - gate: which gate variants meet the goal (<= 5% of the wrong let through, >= 90% of the correct accepted).
+    """
+    out: dict[str, Any] = {"lines": []}
+    say = out["lines"].append
+    both = [s for s in seeds if "middo" in s["arms"] and "random" in s["arms"]]
+    if both:
+        sel, mu, sd = _paired(both, lambda s: s["arms"]["middo"]["defects_selected"]
+                              - s["arms"]["random"]["defects_selected"])
+        left, mu_l, sd_l = _paired(both, lambda s: s["arms"]["random"]["remaining"] - s["arms"]["middo"]["remaining"])
+        out["data"] = _clear(sel, mu, sd) and _clear(left, mu_l, sd_l)
+        say(f"data: Middo's samples hold {_fmt(mu, sd, 1)} more injected defects than random's (per seed "
+            f"{', '.join(f'{x:+g}' for x in sel)}) and leave {_fmt(mu_l, sd_l, 1)} fewer in D_1: "
+            + ("clearly more" if out["data"] else "not clearly more (a clear lead: ahead on every seed, mean > 2 SE)"))
+    else:
+        out["data"] = None
+    with_oracle = [s for s in seeds if "oracle" in s["arms"] and s["d0"]["metrics"].get("heldout_loss") is not None
+                   and s["arms"]["oracle"]["metrics"].get("heldout_loss") is not None]
+    g, mu_g, sd_g = _paired(with_oracle, lambda s: s["d0"]["metrics"]["heldout_loss"]
+                            - s["arms"]["oracle"]["metrics"]["heldout_loss"])
+    oracle_clear = _clear(g, mu_g, sd_g)
+    if g:
+        say(f"model: the oracle lowers M_0's held-out loss by {_fmt(mu_g, sd_g, 4)} (per seed "
+            f"{', '.join(f'{x:+.4f}' for x in g)}): " + ("a clear gain" if oracle_clear else
+            "not a clear gain, so the 'oracle gain' ratios divide by noise"))
+    pair = [s for s in both if s["arms"]["middo"]["metrics"].get("heldout_loss") is not None
+            and s["arms"]["random"]["metrics"].get("heldout_loss") is not None]
+    d, mu_d, sd_d = _paired(pair, lambda s: s["arms"]["random"]["metrics"]["heldout_loss"]
+                            - s["arms"]["middo"]["metrics"]["heldout_loss"])
+    if d:
+        middo_ahead = _clear(d, mu_d, sd_d)
+        out["model"] = bool(oracle_clear and middo_ahead)
+        say(f"model: Middo's M_1 has a held-out loss {_fmt(mu_d, sd_d, 4)} below random's (per seed "
+            f"{', '.join(f'{x:+.4f}' for x in d)}): " + (
+                "Middo recovers clearly more of the oracle's gain than random" if out["model"] else
+                "not shown: " + ("the oracle's own gain is not clear" if not oracle_clear else
+                                 "Middo's lead over random is not clear")))
+    else:
+        out["model"] = None
+    n_wrong = sum(gate["wrong"].values())
+    meets = [name for name, v in gate["variants"].items() if v["wrong_rate"] is not None and v["correct_rate"]
+             is not None and v["wrong_rate"] <= GATE_MAX_WRONG and v["correct_rate"] >= GATE_MIN_CORRECT]
+    out["gate"] = {"meets_goal": meets, "configured_meets": "configured" in meets} if n_wrong and gate["correct"] \
+        else None
+    if out["gate"] is not None:
+        say(f"gate (goal: <= {GATE_MAX_WRONG:.0%} of {n_wrong} wrong let through, >= {GATE_MIN_CORRECT:.0%} of "
+            f"{gate['correct']} correct accepted): " + (("met by " + "; ".join(meets)) if meets else "met by no variant")
+            + ("" if "configured" in meets else "; not by the run's configured gate"))
+    return out
 
 
 def _pool_gate(gates: list[dict]) -> dict:
@@ -795,4 +873,6 @@ def format_table(summary: dict) -> str:
     for i, summ in enumerate(g.get("ifd_per_seed") or []):
         lines.append(f"IFD of the rewrites under M_0 (seed {summary['seeds'][i]}; min / median / max): " + ", ".join(
             f"{k} {v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f}" for k, v in summ.items() if v))
+    if summary.get("verdict", {}).get("lines"):
+        lines += ["", "verdict:"] + ["- " + x for x in summary["verdict"]["lines"]]
     return "\n".join(lines)

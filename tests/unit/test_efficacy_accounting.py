@@ -110,3 +110,44 @@ def test_account_tracks_every_defect_and_refuses_books_that_do_not_balance():
     assert gate["variants"]["judge"]["correct_accepted"] == 1          # the 1.0 < 5.0 rewrite is rejected
     assert gate["variants"]["judge+meta+topic>=0.2"]["wrong_let_through"]["off_topic"] == 0
     assert gate["variants"]["configured"]["wrong_rate"] == 1.0
+
+
+def _seed(seed, d0, arms):
+    """A seed's results as run_seed returns them, reduced to what the verdict reads."""
+    return {"seed": seed, "d0": {"metrics": {"heldout_loss": d0}},
+            "arms": {a: {"defects_selected": sel, "remaining": left, "metrics": {"heldout_loss": loss}}
+                     for a, (sel, left, loss) in arms.items()}}
+
+
+def _gate(correct, wrong, variants):
+    return {"correct": correct, "wrong": dict(zip(WRONG_KINDS, wrong)),
+            "variants": {name: {"correct_rate": c / correct, "wrong_rate": w / sum(wrong)}
+                         for name, (c, w) in variants.items()}}
+
+
+def test_the_verdict_calls_a_lead_clear_only_when_every_seed_shows_it():
+    from middo_ray.audit.efficacy import verdict
+
+    gate = _gate(60, (20, 20, 20), {"configured": (50, 9), "strict": (55, 3), "loose": (60, 12)})
+    # Middo ahead of random on every seed, on the data and the model; the oracle's gain clear.
+    clear = [_seed(k, 2.0, {"middo": (12 + k, 8 - k, 1.95 - 0.01 * k), "random": (6, 13, 1.99),
+                            "oracle": (19, 4, 1.90)}) for k in range(3)]
+    v = verdict(clear, gate)
+    assert v["data"] is True and v["model"] is True
+    assert v["gate"] == {"meets_goal": ["strict"], "configured_meets": False}
+    assert any("clearly more of the oracle's gain" in line for line in v["lines"])
+    # The same data lead, but the oracle's gain changes sign across seeds: the model-side goal is not shown.
+    noisy = [_seed(k, 2.0, {"middo": (12, 8, 1.95), "random": (6, 13, 1.99),
+                            "oracle": (19, 4, 1.99 if k else 2.02)}) for k in range(3)]
+    v = verdict(noisy, gate)
+    assert v["data"] is True and v["model"] is False
+    assert any("not shown: the oracle's own gain is not clear" in line for line in v["lines"])
+    # Middo behind random on one seed: no clear lead on the data; one seed alone never makes one.
+    mixed = [_seed(k, 2.0, {"middo": (5 if k == 1 else 12, 8, 1.95), "random": (6, 13, 1.99),
+                            "oracle": (19, 4, 1.90)}) for k in range(3)]
+    assert verdict(mixed, gate)["data"] is False
+    assert verdict(clear[:1], gate)["data"] is False and verdict(clear[:1], gate)["model"] is False
+    # No arm beside Middo and the oracle: nothing to say about the data or the model.
+    alone = [{"seed": 0, "d0": {"metrics": {"heldout_loss": 2.0}},
+              "arms": {"middo": {"defects_selected": 3, "remaining": 1, "metrics": {"heldout_loss": 1.9}}}}]
+    assert verdict(alone, gate)["data"] is None and verdict(alone, gate)["model"] is None
