@@ -828,8 +828,10 @@ def verdict(seeds: list[dict], gate: dict) -> dict:
         else None
     if out["gate"] is not None:
         say(f"gate (goal: <= {GATE_MAX_WRONG:.0%} of {n_wrong} wrong let through, >= {GATE_MIN_CORRECT:.0%} of "
-            f"{gate['correct']} correct accepted): " + (("met by " + "; ".join(meets)) if meets else "met by no variant")
-            + ("" if "configured" in meets else "; not by the run's configured gate"))
+            f"{gate['correct']} correct accepted): " + (("met by " + "; ".join(meets)
+                                                          + ("" if "configured" in meets else
+                                                             "; not by the run's configured gate"))
+                                                         if meets else "met by no variant"))
     return out
 
 

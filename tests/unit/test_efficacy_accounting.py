@@ -136,6 +136,9 @@ def test_the_verdict_calls_a_lead_clear_only_when_every_seed_shows_it():
     assert v["data"] is True and v["model"] is True
     assert v["gate"] == {"meets_goal": ["strict"], "configured_meets": False}
     assert any("clearly more of the oracle's gain" in line for line in v["lines"])
+    assert v["lines"][-1].endswith("met by strict; not by the run's configured gate")
+    none = verdict(clear, _gate(60, (20, 20, 20), {"configured": (50, 9)}))
+    assert none["gate"]["meets_goal"] == [] and none["lines"][-1].endswith("met by no variant")
     # The same data lead, but the oracle's gain changes sign across seeds: the model-side goal is not shown.
     noisy = [_seed(k, 2.0, {"middo": (12, 8, 1.95), "random": (6, 13, 1.99),
                             "oracle": (19, 4, 1.99 if k else 2.02)}) for k in range(3)]
